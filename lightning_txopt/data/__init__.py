@@ -1,0 +1,22 @@
+"""Length-aware batching: lengths, planning, sampler, collator, DataModule and padding report."""
+
+from lightning_txopt.data.collator import PaddingCollator, pad_sequences
+from lightning_txopt.data.corpus import load_fortunes
+from lightning_txopt.data.datamodule import BucketDataModule
+from lightning_txopt.data.lengths import compute_lengths
+from lightning_txopt.data.planning import EpochPlan, plan_epoch
+from lightning_txopt.data.report import PaddingRow, padding_report
+from lightning_txopt.data.sampler import BucketBatchSampler
+
+__all__ = [
+    "BucketBatchSampler",
+    "BucketDataModule",
+    "EpochPlan",
+    "PaddingCollator",
+    "PaddingRow",
+    "compute_lengths",
+    "load_fortunes",
+    "pad_sequences",
+    "padding_report",
+    "plan_epoch",
+]

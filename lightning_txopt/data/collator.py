@@ -1,0 +1,213 @@
+"""``PaddingCollator``: pad a list of tokenised samples into a batch of tensors, vectorised."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = ["PaddingCollator", "pad_sequences"]
+
+_PADDINGS = ("longest", "max_length")
+_SIDES = ("right", "left")
+
+
+def _as_1d(value: Any, key: str, index: int) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise ValueError(f"Sample {index}: {key!r} must be one-dimensional, got shape {arr.shape}.")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) and arr.size:
+        raise TypeError(f"Sample {index}: {key!r} holds {arr.dtype} values; only numbers can be padded.")
+    return arr
+
+
+def pad_sequences(
+    sequences: Sequence[np.ndarray], length: int, pad_value: int | float, *, side: str = "right"
+) -> np.ndarray:
+    """Pad 1-D arrays to ``length`` in one vectorised copy.
+
+    Args:
+        sequences: 1-D arrays, each at most ``length`` long.
+        length: Width of the output.
+        pad_value: Fill value.
+        side: ``"right"`` or ``"left"``.
+
+    Returns:
+        A ``(len(sequences), length)`` array.
+
+    Example:
+        >>> pad_sequences([np.array([1, 2, 3]), np.array([4])], 4, 0).tolist()
+        [[1, 2, 3, 0], [4, 0, 0, 0]]
+        >>> pad_sequences([np.array([1, 2, 3]), np.array([4])], 4, 0, side="left").tolist()
+        [[0, 1, 2, 3], [0, 0, 0, 4]]
+    """
+    lens = np.fromiter((s.size for s in sequences), dtype=np.int64, count=len(sequences))
+    dtype = np.result_type(*[s.dtype for s in sequences if s.size], np.asarray(pad_value).dtype) if lens.any() else int
+    out = np.full((len(sequences), length), pad_value, dtype=dtype)
+    cols = np.arange(length)
+    mask = cols < lens[:, None] if side == "right" else cols >= (length - lens)[:, None]
+    if lens.any():
+        out[mask] = np.concatenate([s for s in sequences if s.size])
+    return out
+
+
+class PaddingCollator:
+    """Collate tokenised samples into a dict of padded tensors.
+
+    Pads ``input_ids`` (with ``pad_token_id``), ``attention_mask`` (created when absent), ``token_type_ids`` and
+    every other per-token key such as ``position_ids`` or ``special_tokens_mask`` (with 0), and token-level ``labels``
+    (with ``label_pad_token_id``). Scalar ``labels`` and other numeric keys of fixed shape are stacked. Nothing is
+    truncated unless ``truncation=True``.
+
+    Args:
+        pad_token_id: Id used to pad ``input_ids``.
+        padding: ``"longest"`` pads to the longest sample of the batch (dynamic padding), ``"max_length"`` pads every
+            batch to ``max_length`` (fixed padding).
+        max_length: Longest allowed sequence; required with ``padding="max_length"``.
+        pad_to_multiple_of: Round the padded length up to a multiple of this (tensor-core friendly shapes).
+        padding_side: ``"right"`` or ``"left"``.
+        label_pad_token_id: Fill value of token-level labels; ignored by the loss.
+        truncation: Cut sequences longer than ``max_length`` instead of raising.
+        input_key: Key holding the token ids.
+
+    Raises:
+        ValueError: On invalid arguments (at construction) and, when called, on a sequence longer than ``max_length``,
+            on keys whose per-sample lengths differ from the token ids', or on missing ``input_key``.
+        TypeError: When called with non-numeric values (e.g. raw text still in the samples).
+
+    Example:
+        >>> collate = PaddingCollator(pad_token_id=0)
+        >>> batch = collate([{"input_ids": [101, 7, 102], "label": 1}, {"input_ids": [101, 102], "label": 0}])
+        >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()
+        ([[101, 7, 102], [101, 102, 0]], [[1, 1, 1], [1, 1, 0]], [1, 0])
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        *,
+        padding: Literal["longest", "max_length"] = "longest",
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: Literal["right", "left"] = "right",
+        label_pad_token_id: int = -100,
+        truncation: bool = False,
+        input_key: str = "input_ids",
+    ) -> None:
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+            raise ValueError(
+                f"`pad_token_id` must be an integer, got {pad_token_id!r}. A tokenizer without a pad token (e.g. "
+                "GPT-2) needs one first: `tokenizer.pad_token = tokenizer.eos_token`."
+            )
+        if padding not in _PADDINGS:
+            raise ValueError(f"`padding` must be one of {_PADDINGS}, got {padding!r}.")
+        if padding_side not in _SIDES:
+            raise ValueError(f"`padding_side` must be one of {_SIDES}, got {padding_side!r}.")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"`max_length` must be a positive integer or None, got {max_length!r}.")
+        if pad_to_multiple_of is not None and (
+            isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"`pad_to_multiple_of` must be a positive integer or None, got {pad_to_multiple_of!r}.")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs `max_length` (the fixed length to pad every batch to).")
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs `max_length`.")
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            raise ValueError(
+                f"max_length={max_length} is not a multiple of pad_to_multiple_of={pad_to_multiple_of}; "
+                "padded shapes would exceed max_length. Choose values that divide."
+            )
+        self.pad_token_id = pad_token_id
+        self.padding = padding
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_side = padding_side
+        self.label_pad_token_id = label_pad_token_id
+        self.truncation = truncation
+        self.input_key = input_key
+
+    def padded_length(self, longest: int) -> int:
+        """Width of a batch whose longest sequence has ``longest`` tokens.
+
+        Example:
+            >>> PaddingCollator(0, pad_to_multiple_of=8).padded_length(13)
+            16
+        """
+        if self.padding == "max_length":
+            assert self.max_length is not None
+            return self.max_length
+        width = longest
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return width
+
+    def _pad_value(self, key: str) -> int:
+        if key == self.input_key:
+            return self.pad_token_id
+        if key == "labels" or key.endswith("labels"):
+            return self.label_pad_token_id
+        return 0
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate ``samples`` (mappings) into a dict of tensors."""
+        if not samples:
+            raise ValueError("Cannot collate an empty list of samples.")
+        key = self.input_key
+        first = samples[0]
+        if not isinstance(first, Mapping):
+            raise TypeError(f"PaddingCollator expects mappings (dicts) of features, got {type(first).__name__}.")
+        if key not in first:
+            raise KeyError(f"Samples have no {key!r} key (keys: {sorted(first)}). Tokenise them first.")
+        ids = [_as_1d(s[key], key, i) for i, s in enumerate(samples)]
+        lens = full_lens = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
+        if self.max_length is not None and lens.max() > self.max_length:
+            if self.truncation:
+                ids = [a[: self.max_length] for a in ids]
+                lens = np.minimum(lens, self.max_length)
+            else:
+                i = int(np.argmax(lens))
+                raise ValueError(
+                    f"Sample {i} of the batch has {int(lens[i])} tokens > max_length={self.max_length}. "
+                    "Truncate when tokenising, or pass truncation=True to cut it here."
+                )
+        width = self.padded_length(int(lens.max()))
+        side = self.padding_side
+        out: dict[str, torch.Tensor] = {key: torch.from_numpy(pad_sequences(ids, width, self.pad_token_id, side=side))}
+        if "attention_mask" not in first:
+            mask = np.arange(width) < lens[:, None] if side == "right" else np.arange(width) >= (width - lens)[:, None]
+            out["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
+        for name in first:
+            if name == key:
+                continue
+            values = [s[name] for s in samples]
+            if isinstance(values[0], str | bytes) or values[0] is None:
+                raise TypeError(
+                    f"Cannot collate key {name!r}: it holds {type(values[0]).__name__} values. Remove non-numeric "
+                    "columns before batching (e.g. `dataset.remove_columns([...])`)."
+                )
+            arrays = [np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for v in values]
+            target = "labels" if name in ("label", "labels", "label_ids") else name
+            if arrays[0].ndim == 0 or not self._is_per_token(arrays, full_lens):
+                if any(a.shape != arrays[0].shape for a in arrays):
+                    raise ValueError(
+                        f"Cannot pad key {name!r}: its per-sample lengths differ from those of {key!r}. Only "
+                        "per-token features can be padded; remove the column or pad it yourself."
+                    )
+                out[target] = torch.as_tensor(np.stack(arrays))
+                continue
+            seqs = [_as_1d(a, name, i)[: lens[i]] for i, a in enumerate(arrays)]
+            out[target] = torch.from_numpy(pad_sequences(seqs, width, self._pad_value(target), side=side))
+        return out
+
+    @staticmethod
+    def _is_per_token(arrays: Sequence[np.ndarray], lens: np.ndarray) -> bool:
+        if any(a.ndim != 1 for a in arrays):
+            return False
+        sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        return bool(np.all(sizes == lens))

@@ -1,0 +1,331 @@
+"""Pure batch planning: which samples go together, in which order, on which rank.
+
+Everything here is a pure function of ``(lengths, seed, epoch, num_replicas)`` and the batching options, so every rank
+computes the same plan without communicating and a restarted job recomputes exactly the plan it was interrupted in.
+The samplers and the DataModule only decide *when* to call it.
+
+The recipe (the one fairseq's ``batch_by_size`` popularised, plus DDP balancing):
+
+1. shuffle the sample ids (seeded by ``(seed, epoch)``), then stable-sort them by length, globally or inside pools of
+   ``pool_size`` samples: equal lengths end up in a random order, so batch composition changes every epoch;
+2. cut the sorted ids into batches of ``batch_size`` samples, or greedily into the largest batches whose padded size
+   ``len(batch) * max(length)`` fits ``max_tokens``;
+3. with several replicas, make the batch count divisible by ``num_replicas`` by splitting the largest batches (no
+   sample is duplicated or dropped; only when every batch holds a single sample are the shortest repeated), sort batches by padded cost and deal consecutive batches of similar cost to the
+   ranks of one step, so that no rank waits for another;
+4. shuffle the order of the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+OversizePolicy = Literal["error", "skip", "single"]
+_OVERSIZE_POLICIES = ("error", "skip", "single")
+
+__all__ = ["EpochPlan", "OversizePolicy", "as_lengths", "plan_epoch"]
+
+
+def as_lengths(lengths: npt.ArrayLike | Sequence[int]) -> np.ndarray:
+    """Validate and convert sequence lengths to a 1-D ``int64`` array.
+
+    Args:
+        lengths: One positive integer per sample.
+
+    Returns:
+        The lengths as a contiguous ``np.int64`` array.
+
+    Raises:
+        ValueError: If ``lengths`` is empty, not one-dimensional, not integral, or holds a length below 1.
+
+    Example:
+        >>> as_lengths([3, 1, 2])
+        array([3, 1, 2])
+    """
+    arr = np.asarray(lengths)
+    if arr.ndim != 1:
+        raise ValueError(f"`lengths` must be one-dimensional, got an array of shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError("`lengths` is empty: there is nothing to batch. Check that the dataset has samples.")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise ValueError(f"`lengths` must hold integers, got dtype {arr.dtype}.")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    bad = np.flatnonzero(arr < 1)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"Sample {i} has length {int(arr[i])}; every length must be >= 1 "
+            f"({bad.size} sample(s) are below 1). Remove empty samples before batching."
+        )
+    return arr
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """The batches of one epoch and how they are dealt to the ranks.
+
+    Batches are stored in CSR form: batch ``b`` holds ``indices[offsets[b]:offsets[b + 1]]``.
+    ``schedule[step, rank]`` is the batch that ``rank`` processes at ``step``.
+
+    Attributes:
+        indices: Sample ids, batch after batch.
+        offsets: ``num_batches + 1`` boundaries into ``indices``.
+        schedule: ``(num_steps, num_replicas)`` array of batch ids.
+        skipped: Ids of samples left out of the epoch (``oversize="skip"``, or ``drop_last``).
+        repeated: Ids of samples yielded twice. Only when the batches cannot be dealt evenly any other way: every
+            batch holds a single sample and their count does not divide by ``num_replicas``.
+    """
+
+    indices: np.ndarray
+    offsets: np.ndarray
+    schedule: np.ndarray
+    skipped: np.ndarray
+    repeated: np.ndarray
+
+    @property
+    def num_batches(self) -> int:
+        """Number of batches over all ranks."""
+        return int(self.schedule.size)
+
+    @property
+    def num_steps(self) -> int:
+        """Number of batches per rank."""
+        return int(self.schedule.shape[0])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Number of samples in each batch (indexed by batch id)."""
+        return np.diff(self.offsets)
+
+    def batch(self, batch_id: int) -> np.ndarray:
+        """The sample ids of one batch."""
+        return self.indices[self.offsets[batch_id] : self.offsets[batch_id + 1]]
+
+    def rank_batches(self, rank: int = 0) -> list[np.ndarray]:
+        """All batches of one rank, in the order that rank sees them."""
+        return [self.batch(int(b)) for b in self.schedule[:, rank]]
+
+    def max_lengths(self, lengths: np.ndarray) -> np.ndarray:
+        """The longest sample of each batch (indexed by batch id)."""
+        return np.maximum.reduceat(lengths[self.indices], self.offsets[:-1])
+
+    def padded_tokens(self, lengths: np.ndarray) -> np.ndarray:
+        """``len(batch) * max(length)`` for each batch (indexed by batch id)."""
+        return self.sizes * self.max_lengths(lengths)
+
+
+def _rng(seed: int, epoch: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch, salt])
+
+
+def _budget_offsets(sorted_lengths: np.ndarray, seg_starts: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Greedy cut of each segment into the longest runs with ``count * running_max <= max_tokens``."""
+    n = sorted_lengths.size
+    seg_ends = np.append(seg_starts[1:], n)
+    out: list[int] = []
+    arange = np.arange(1, max_tokens + 1, dtype=np.int64)
+    for s, e in zip(seg_starts.tolist(), seg_ends.tolist()):
+        i = s
+        while i < e:
+            cap = min(e - i, max_tokens // int(sorted_lengths[i]))
+            window = np.maximum.accumulate(sorted_lengths[i : i + cap])
+            over = np.flatnonzero(window * arange[:cap] > max_tokens)
+            out.append(i)
+            i += int(over[0]) if over.size else cap
+    out.append(n)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _split_largest(offsets: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """Split the largest batches in two halves, ``count`` times or until every batch holds one sample.
+
+    Returns the new offsets and how many splits were not possible.
+    """
+    offsets = offsets.copy()
+    for done in range(count):
+        sizes = np.diff(offsets)
+        b = int(np.argmax(sizes))
+        if sizes[b] < 2:
+            return offsets, count - done
+        offsets = np.insert(offsets, b + 1, offsets[b] + sizes[b] // 2)
+    return offsets, 0
+
+
+def plan_epoch(
+    lengths: np.ndarray,
+    *,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+    num_replicas: int = 1,
+    group_by_length: bool = True,
+    pool_size: int | None = None,
+    oversize: OversizePolicy = "error",
+) -> EpochPlan:
+    """Plan the batches of one epoch for every rank.
+
+    Args:
+        lengths: Validated lengths (see :func:`as_lengths`), one per sample.
+        batch_size: Samples per batch. Exactly one of ``batch_size`` and ``max_tokens`` must be given.
+        max_tokens: Budget of padded tokens per batch: ``len(batch) * max(lengths in batch) <= max_tokens``.
+        shuffle: Randomise batch composition (among equal lengths) and batch order.
+        seed: Seed shared by all ranks.
+        epoch: Epoch number; a different epoch gives a different order.
+        drop_last: Drop incomplete batches (``batch_size`` mode) and, with several replicas, the cheapest batches
+            that keep the batch count from dividing evenly. Otherwise the largest batches are split instead, so
+            that every sample is seen exactly once.
+        num_replicas: Number of ranks to deal the batches to.
+        group_by_length: Group similar lengths (bucketing). ``False`` gives random batches (dynamic padding).
+        pool_size: Sort inside pools of this many shuffled samples instead of globally (more randomness, more
+            padding). ``None`` sorts globally.
+        oversize: What to do with samples longer than ``max_tokens``: ``"error"`` raises, ``"skip"`` leaves them out
+            (listed in :attr:`EpochPlan.skipped`), ``"single"`` gives each a batch of its own (over budget).
+
+    Returns:
+        The plan of the epoch.
+
+    Raises:
+        ValueError: On invalid options, on a sample longer than ``max_tokens`` with ``oversize="error"``, or when
+            there are fewer samples than replicas.
+
+    Example:
+        >>> plan = plan_epoch(np.array([5, 1, 4, 2, 3, 1]), batch_size=2, shuffle=False)
+        >>> [b.tolist() for b in plan.rank_batches(0)]
+        [[1, 5], [3, 4], [2, 0]]
+        >>> plan = plan_epoch(np.array([5, 1, 4, 2, 3, 1]), max_tokens=8, shuffle=False)
+        >>> [b.tolist() for b in plan.rank_batches(0)]
+        [[1, 5, 3], [4, 2], [0]]
+    """
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError(
+            f"Give exactly one of `batch_size` and `max_tokens` (got batch_size={batch_size!r}, "
+            f"max_tokens={max_tokens!r})."
+        )
+    if batch_size is not None and (not isinstance(batch_size, int | np.integer) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if max_tokens is not None and (not isinstance(max_tokens, int | np.integer) or max_tokens < 1):
+        raise ValueError(f"`max_tokens` must be a positive integer, got {max_tokens!r}.")
+    if not isinstance(num_replicas, int | np.integer) or num_replicas < 1:
+        raise ValueError(f"`num_replicas` must be a positive integer, got {num_replicas!r}.")
+    if pool_size is not None and (not isinstance(pool_size, int | np.integer) or pool_size < 1):
+        raise ValueError(f"`pool_size` must be a positive integer or None, got {pool_size!r}.")
+    if oversize not in _OVERSIZE_POLICIES:
+        raise ValueError(f"`oversize` must be one of {_OVERSIZE_POLICIES}, got {oversize!r}.")
+
+    n_all = lengths.size
+    ids = np.arange(n_all, dtype=np.int64)
+    singles = np.empty(0, dtype=np.int64)
+    skipped = np.empty(0, dtype=np.int64)
+    repeated = np.empty(0, dtype=np.int64)
+    if max_tokens is not None:
+        too_long = lengths > max_tokens
+        if too_long.any():
+            bad = np.flatnonzero(too_long)
+            if oversize == "error":
+                i = int(bad[0])
+                raise ValueError(
+                    f"Sample {i} has length {int(lengths[i])} > max_tokens={max_tokens} "
+                    f"({bad.size} sample(s) exceed the budget; the longest is {int(lengths[bad].max())}). "
+                    "Raise `max_tokens`, truncate the samples (e.g. `max_length`), or choose "
+                    "oversize='skip' or oversize='single'."
+                )
+            if oversize == "skip":
+                skipped = bad
+            else:
+                singles = bad
+            ids = np.flatnonzero(~too_long)
+
+    # 1. order
+    order = _rng(seed, epoch, 0).permutation(ids) if shuffle else ids
+    if group_by_length and order.size:
+        if pool_size is None or pool_size >= order.size:
+            order = order[np.argsort(lengths[order], kind="stable")]
+            seg_starts = np.zeros(1, dtype=np.int64)
+        else:
+            pools = np.arange(order.size, dtype=np.int64) // pool_size
+            order = order[np.lexsort((lengths[order], pools))]
+            seg_starts = np.arange(0, order.size, pool_size, dtype=np.int64)
+    else:
+        seg_starts = np.zeros(1 if order.size else 0, dtype=np.int64)
+
+    # 2. cut into batches
+    if batch_size is not None:
+        pos = np.arange(order.size, dtype=np.int64)
+        pos_in_seg = pos - seg_starts[np.searchsorted(seg_starts, pos, side="right") - 1] if order.size else pos
+        offsets = np.append(np.flatnonzero(pos_in_seg % batch_size == 0), order.size).astype(np.int64)
+        if drop_last:
+            sizes = np.diff(offsets)
+            full = sizes == batch_size
+            if not full.all():
+                dropped = np.concatenate([order[offsets[b] : offsets[b + 1]] for b in np.flatnonzero(~full)])
+                skipped = np.concatenate([skipped, dropped])
+                keep = np.flatnonzero(full)
+                order = np.concatenate([order[offsets[b] : offsets[b + 1]] for b in keep]) if keep.size else order[:0]
+                offsets = np.arange(0, keep.size * batch_size + 1, batch_size, dtype=np.int64)
+    else:
+        assert max_tokens is not None
+        offsets = _budget_offsets(lengths[order], seg_starts, max_tokens)
+    if singles.size:
+        order = np.concatenate([order, singles])
+        offsets = np.concatenate([offsets, offsets[-1] + np.arange(1, singles.size + 1, dtype=np.int64)])
+
+    # 3. make the count divisible by num_replicas, then deal batches of similar cost to the ranks of a step
+    num_batches = offsets.size - 1
+    remainder = num_batches % num_replicas
+    if remainder:
+        if drop_last:
+            cost = np.diff(offsets) * np.maximum.reduceat(lengths[order], offsets[:-1])
+            drop = np.sort(np.argsort(cost, kind="stable")[:remainder])
+            keep = np.setdiff1d(np.arange(num_batches), drop)
+            skipped = np.concatenate([skipped] + [order[offsets[b] : offsets[b + 1]] for b in drop])
+            sizes = np.diff(offsets)[keep]
+            order = np.concatenate([order[offsets[b] : offsets[b + 1]] for b in keep]) if keep.size else order[:0]
+            offsets = np.append(0, np.cumsum(sizes)).astype(np.int64)
+        else:
+            if order.size < num_replicas:
+                raise ValueError(
+                    f"Cannot give each of num_replicas={num_replicas} ranks a batch: only {order.size} sample(s) "
+                    "to batch. Use fewer processes or more data."
+                )
+            offsets, missing = _split_largest(offsets, num_replicas - remainder)
+            if missing:  # every batch holds a single sample: repeat the cheapest ones, as DistributedSampler does
+                cheapest = order[np.argsort(lengths[order], kind="stable")[:missing]]
+                repeated = cheapest
+                order = np.concatenate([order, cheapest])
+                offsets = np.concatenate([offsets, offsets[-1] + np.arange(1, missing + 1, dtype=np.int64)])
+    num_batches = offsets.size - 1
+    if num_batches == 0:
+        raise ValueError(
+            f"The plan has no batch: {n_all} sample(s), drop_last={drop_last}, batch_size={batch_size}, "
+            f"num_replicas={num_replicas}. Set drop_last=False or use more data."
+        )
+
+    rng = _rng(seed, epoch, 1)
+    batch_ids = np.arange(num_batches, dtype=np.int64)
+    if num_replicas > 1:
+        maxlen = np.maximum.reduceat(lengths[order], offsets[:-1])
+        cost = np.diff(offsets) * maxlen
+        batch_ids = np.lexsort((maxlen, cost))
+    schedule = batch_ids.reshape(-1, num_replicas)
+    if shuffle:
+        schedule = schedule[rng.permutation(schedule.shape[0])]
+        if num_replicas > 1:
+            schedule = np.take_along_axis(schedule, np.argsort(rng.random(schedule.shape), axis=1), axis=1)
+    return EpochPlan(
+        indices=order,
+        offsets=offsets,
+        schedule=np.ascontiguousarray(schedule),
+        skipped=np.sort(skipped),
+        repeated=repeated,
+    )

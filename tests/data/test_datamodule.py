@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_txopt.data.datamodule import BucketDataModule
+from tests.helpers import RecordingClassifier, cpu_trainer, make_samples
+
+
+def _dm(**kwargs) -> BucketDataModule:
+    defaults = dict(pad_token_id=0, max_tokens=160, seed=7)
+    defaults.update(kwargs)
+    return BucketDataModule(make_samples(120, seed=1), make_samples(30, seed=2), **defaults)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(pad_token_id=0), "exactly one of"),
+        (dict(pad_token_id=0, batch_size=2, strategy="sorted"), "strategy"),
+        (dict(pad_token_id=0, batch_size=2, strategy="fixed"), "max_length"),
+        (dict(batch_size=2), "pad_token_id"),
+        (dict(pad_token_id=0, max_tokens=64, max_length=128), "max_length=128 > max_tokens=64"),
+        (dict(pad_token_id=0, max_tokens=64, eval_batch_size=4), "eval_max_tokens"),
+        (dict(pad_token_id=0, batch_size=4, eval_max_tokens=64), "eval_batch_size"),
+        (dict(pad_token_id=0, batch_size=4, num_workers=-1), "num_workers"),
+        (dict(pad_token_id=0, batch_size=4, persistent_workers=True), "persistent_workers"),
+        (dict(pad_token_id=0, batch_size=4, pad_to_multiple_of=0), "pad_to_multiple_of"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BucketDataModule([], **kwargs)
+
+
+def test_tokenizer_without_pad_token_is_a_clear_error():
+    class Tok:
+        pad_token_id = None
+
+    with pytest.raises(ValueError, match="no pad token"):
+        BucketDataModule([], tokenizer=Tok(), batch_size=2)
+
+
+def test_pad_token_from_tokenizer():
+    class Tok:
+        pad_token_id = 3
+
+    assert BucketDataModule([], tokenizer=Tok(), batch_size=2).pad_token_id == 3
+
+
+def test_long_sample_is_an_error_unless_truncating():
+    dm = BucketDataModule([{"input_ids": [1] * 30}], pad_token_id=0, batch_size=2, max_length=16)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="train sample 0 has 30 tokens > max_length=16"):
+        dm.train_dataloader()
+    dm = BucketDataModule([{"input_ids": [1] * 30}], pad_token_id=0, batch_size=2, max_length=16, truncation=True)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (1, 16)
+
+
+@pytest.mark.parametrize("strategy", ["bucket", "dynamic", "fixed"])
+def test_strategies_cover_every_sample_and_pad_as_promised(strategy):
+    samples = make_samples(50, seed=3)
+    dm = BucketDataModule(samples, samples[:10], pad_token_id=0, batch_size=8, strategy=strategy, max_length=48)
+    dm.setup("fit")
+    seen, padded = [], 0
+    for batch in dm.train_dataloader():
+        seen.extend(batch["idx"].tolist())
+        width = batch["input_ids"].shape[1]
+        longest = int(batch["attention_mask"].sum(1).max())
+        assert width == (48 if strategy == "fixed" else longest)
+        padded += batch["input_ids"].numel()
+    assert sorted(seen) == list(range(50))
+    report = {r.strategy: r for r in dm.padding_report()}
+    assert padded == report[strategy].processed_tokens  # the report counts what the loader really pads
+    assert sorted(i for b in dm.val_dataloader() for i in b["idx"].tolist()) == list(range(10))
+
+
+def test_fit_through_trainer_and_batches_respect_budget():
+    dm = _dm()
+    model = RecordingClassifier()
+    cpu_trainer(max_epochs=2).fit(model, datamodule=dm)
+    lengths = dm.lengths("train")
+    per_epoch = len(dm._train_sampler)
+    assert len(model.seen) == 2 * per_epoch
+    for epoch in range(2):
+        batches = model.seen[epoch * per_epoch : (epoch + 1) * per_epoch]
+        assert sorted(i for b in batches for i in b) == list(range(120))
+        assert all(len(b) * lengths[b].max() <= 160 for b in batches)
+    assert model.seen[:per_epoch] != model.seen[per_epoch:]  # new order each epoch
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_mid_epoch_resume_matches_uninterrupted_run(tmp_path, num_workers):
+    # uninterrupted run: 3 epochs, a checkpoint after every 5 optimizer steps
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{epoch}-{step}")
+    full = RecordingClassifier()
+    trainer = cpu_trainer(max_epochs=3, callbacks=[ckpt], enable_checkpointing=True)
+    trainer.fit(full, datamodule=_dm(num_workers=num_workers))
+    per_epoch = trainer.num_training_batches
+    assert per_epoch % 5 != 0  # so that some checkpoint falls in the middle of an epoch
+    # resume from a mid-epoch checkpoint of the second epoch
+    step = next(s for s in range(5, 3 * per_epoch, 5) if s > per_epoch and s % per_epoch)
+    resumed = RecordingClassifier()
+    cpu_trainer(max_epochs=3).fit(
+        resumed, datamodule=_dm(num_workers=num_workers), ckpt_path=str(tmp_path / f"epoch=1-step={step}.ckpt")
+    )
+    assert resumed.seen == full.seen[step:]
+
+
+def test_resume_from_end_of_epoch_checkpoint(tmp_path):
+    full = RecordingClassifier()
+    trainer = cpu_trainer(max_epochs=2, default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(full, datamodule=_dm())
+    first = RecordingClassifier()
+    t1 = cpu_trainer(max_epochs=1, default_root_dir=tmp_path / "a", enable_checkpointing=True)
+    t1.fit(first, datamodule=_dm())
+    path = t1.checkpoint_callback.best_model_path
+    second = RecordingClassifier()
+    cpu_trainer(max_epochs=2).fit(second, datamodule=_dm(), ckpt_path=path)
+    assert first.seen + second.seen == full.seen
+
+
+def test_state_dict_roundtrip_without_trainer():
+    dm = _dm()
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    next(it), next(it)
+    state = dm.state_dict()
+    assert state["consumed"] == 2 and state["epoch"] == 0
+    other = _dm()
+    other.setup("fit")
+    other.load_state_dict(state)
+    rest = [b["idx"].tolist() for b in other.train_dataloader()]
+    assert rest == [b["idx"].tolist() for b in it]
+
+
+class _Tokenised(BucketDataModule):
+    """A subclass that builds its datasets in the documented hook."""
+
+    def build_datasets(self, stage):
+        return {"train": make_samples(40, seed=5), "val": make_samples(9, seed=6)}
+
+
+def test_build_datasets_hook():
+    dm = _Tokenised(pad_token_id=0, batch_size=4)
+    dm.setup("fit")
+    assert sum(len(b["idx"]) for b in dm.train_dataloader()) == 40
+    assert sum(len(b["idx"]) for b in dm.val_dataloader()) == 9
+    with pytest.raises(ValueError, match="No 'test' dataset"):
+        dm.test_dataloader()
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_equal_counts_and_coverage(tmp_path):
+    model = RecordingClassifier(record_dir=str(tmp_path))
+    trainer = cpu_trainer(max_epochs=2, devices=2, strategy="ddp_spawn")
+    trainer.fit(model, datamodule=_dm())
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert records[0]["pid"] != records[1]["pid"]
+    train = [r["train"] for r in records]
+    assert len(train[0]) == len(train[1]) > 0  # equal batch counts: no hang, no straggler
+    per_epoch = len(train[0]) // 2
+    lengths = np.array([len(s["input_ids"]) for s in make_samples(120, seed=1)])
+    for epoch in range(2):
+        chunk = [b for t in train for b in t[epoch * per_epoch : (epoch + 1) * per_epoch]]
+        assert sorted(i for b in chunk for i in b) == list(range(120))  # ranks together: every sample once
+        # batches of one step have similar padded cost
+        costs = np.array([[len(b) * lengths[b].max() for b in t[epoch * per_epoch : (epoch + 1) * per_epoch]]
+                          for t in train])
+        assert (costs.max(0) / costs.min(0)).mean() <= 1.25
+    val = sorted(i for r in records for i in r["val"])
+    assert val == sorted(list(range(30)) * 2)  # each validation sample once per epoch over both ranks
