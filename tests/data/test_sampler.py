@@ -40,8 +40,9 @@ def test_every_sample_once_equal_counts_and_budget(lengths, world, mode, size, s
         return
     kwargs = {"batch_size": size} if mode == "batch_size" else {"max_tokens": 200 + size}
     samplers = [
-        BucketBatchSampler(lengths, num_replicas=world, rank=r, seed=seed, group_by_length=grouped, pool_size=pool,
-                           **kwargs)
+        BucketBatchSampler(
+            lengths, num_replicas=world, rank=r, seed=seed, group_by_length=grouped, pool_size=pool, **kwargs
+        )
         for r in range(world)
     ]
     for s in samplers:
