@@ -3,6 +3,7 @@
 from lightning_txopt.data.collator import PaddingCollator, pad_sequences
 from lightning_txopt.data.corpus import load_fortunes
 from lightning_txopt.data.datamodule import BucketDataModule
+from lightning_txopt.data.fortunes import FortunesDataModule
 from lightning_txopt.data.lengths import compute_lengths
 from lightning_txopt.data.planning import EpochPlan, plan_epoch
 from lightning_txopt.data.report import PaddingRow, padding_report
@@ -12,6 +13,7 @@ __all__ = [
     "BucketBatchSampler",
     "BucketDataModule",
     "EpochPlan",
+    "FortunesDataModule",
     "PaddingCollator",
     "PaddingRow",
     "compute_lengths",
