@@ -20,7 +20,9 @@ from lightning_txopt.data.report import padding_report
 
 
 def hf_length_grouped(lengths: np.ndarray, batch_size: int, seed: int) -> tuple[int, int]:
-    order = np.asarray(get_length_grouped_indices(lengths.tolist(), batch_size, generator=torch.Generator().manual_seed(seed)))
+    order = np.asarray(
+        get_length_grouped_indices(lengths.tolist(), batch_size, generator=torch.Generator().manual_seed(seed))
+    )
     batches = [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
     return len(batches), int(sum(len(b) * lengths[b].max() for b in batches))
 
@@ -28,7 +30,10 @@ def hf_length_grouped(lengths: np.ndarray, batch_size: int, seed: int) -> tuple[
 def main() -> None:
     lengths = corpus_lengths()
     real = int(lengths.sum())
-    print(f"Corpus: {lengths.size:,} samples, {real:,} real tokens, median {int(np.median(lengths))}, max {lengths.max()}\n")
+    print(
+        f"Corpus: {lengths.size:,} samples, {real:,} real tokens, "
+        f"median {int(np.median(lengths))}, max {lengths.max()}\n"
+    )
     rows: list[list[object]] = []
     for r in padding_report(lengths, batch_size=32, max_length=512, strategies=("fixed", "dynamic")):
         rows.append([f"{r.strategy}, batch 32", r.batches, r.processed_tokens, r.efficiency])
@@ -41,19 +46,30 @@ def main() -> None:
     min_batches = math.ceil(real / 16384)
     for strategy in ("dynamic", "bucket"):
         r = padding_report(lengths, max_tokens=16384, strategies=(strategy,))[0]
-        rows.append([f"{strategy}, max_tokens 16384 (min {min_batches} batches)", r.batches, r.processed_tokens, r.efficiency])
+        rows.append(
+            [f"{strategy}, max_tokens 16384 (min {min_batches} batches)", r.batches, r.processed_tokens, r.efficiency]
+        )
     for world in (2, 3):
         plan = plan_epoch(lengths, max_tokens=16384, seed=0, epoch=0, num_replicas=world)
         cost = plan.padded_tokens(lengths)[plan.schedule]
         imbalance = float((cost.max(1) / cost.min(1)).mean())
         p = int(cost.sum())
-        rows.append([f"bucket, max_tokens 16384, {world} ranks (max/min step cost {imbalance:.3f})", plan.num_batches, p, real / p])
+        rows.append(
+            [
+                f"bucket, max_tokens 16384, {world} ranks (max/min step cost {imbalance:.3f})",
+                plan.num_batches,
+                p,
+                real / p,
+            ]
+        )
     for world in (2, 3):
         plan = plan_epoch(lengths, batch_size=32, seed=0, epoch=0, num_replicas=world)
         cost = plan.padded_tokens(lengths)[plan.schedule]
         imbalance = float((cost.max(1) / cost.min(1)).mean())
         p = int(cost.sum())
-        rows.append([f"bucket, batch 32, {world} ranks (max/min step cost {imbalance:.3f})", plan.num_batches, p, real / p])
+        rows.append(
+            [f"bucket, batch 32, {world} ranks (max/min step cost {imbalance:.3f})", plan.num_batches, p, real / p]
+        )
     print(markdown_table(["batching", "batches", "processed tokens", "efficiency"], rows))
     print(f"\n{environment()}")
 

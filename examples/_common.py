@@ -34,7 +34,11 @@ class Classifier(pl.LightningModule):
         super().__init__()
         if tiny:
             config = BertConfig(
-                vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                vocab_size=30522,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
                 num_labels=num_labels,
             )
             self.model = BertForSequenceClassification(config)

@@ -1,6 +1,6 @@
 """Baseline: fine-tune on the embedded corpus with fixed padding to max_length (what most tutorials do).
 
-    python examples/base.py --limit 512 --max-length 128
+python examples/base.py --limit 512 --max-length 128
 """
 
 from _common import parse_args, run

@@ -1,6 +1,6 @@
 """Length-grouped batches under a token budget: the only change from base.py is the DataModule's strategy.
 
-    python examples/bucketing.py --limit 512 --max-length 128 --max-tokens 4096
+python examples/bucketing.py --limit 512 --max-length 128 --max-tokens 4096
 """
 
 from _common import parse_args, run

@@ -105,12 +105,12 @@ class FortunesDataModule(BucketDataModule):
         records = [records[i] for i in order]  # a seeded random subset: the file is grouped by label
         label_id = {name: i for i, name in enumerate(self.label_names)}
         assert self.max_length is not None
-        ids = self.tokenizer([r["text"] for r in records], truncation=True, max_length=self.max_length)["input_ids"]
+        tokenizer: Any = self.tokenizer
+        ids = tokenizer([r["text"] for r in records], truncation=True, max_length=self.max_length)["input_ids"]
         samples = [
-            {"input_ids": np.asarray(x, dtype=np.int64), "labels": label_id[r["label"]]}
-            for x, r in zip(ids, records)
+            {"input_ids": np.asarray(x, dtype=np.int64), "labels": label_id[r["label"]]} for x, r in zip(ids, records)
         ]
-        n_val = int(round(self.val_fraction * len(samples)))
+        n_val = round(self.val_fraction * len(samples))
         if len(samples) - n_val < 1:
             raise ValueError(f"limit={self.limit} with val_fraction={self.val_fraction} leaves no training sample.")
         val, train = samples[:n_val], samples[n_val:]

@@ -20,6 +20,7 @@ The recipe (the one fairseq's ``batch_by_size`` popularised, plus DDP balancing)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -140,7 +141,7 @@ def _sorted_with_random_ties(lengths: np.ndarray, ids: np.ndarray, rng: np.rando
         sorted_keys = lengths[order]
         starts = np.flatnonzero(np.diff(sorted_keys)) + 1
         bounds = np.concatenate(([0], starts, [order.size])).tolist()
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             if hi - lo > 1:
                 rng.shuffle(order[lo:hi])
     return order
