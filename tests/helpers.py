@@ -92,3 +92,110 @@ def cpu_trainer(**kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def tiny_gpt2(**kwargs: Any) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=16,
+        n_layer=4,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    cfg.update(kwargs)
+    return GPT2LMHeadModel(GPT2Config(**cfg))
+
+
+def tiny_bert(num_hidden_layers: int = 4, **kwargs: Any) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config(num_hidden_layers=num_hidden_layers, **kwargs))
+
+
+class PlainTransformer(torch.nn.Module):
+    """A plain PyTorch encoder classifier: token + position embeddings, a stack of TransformerEncoderLayer, a head."""
+
+    def __init__(self, num_layers: int = 4, d_model: int = 16, num_labels: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = torch.nn.Embedding(VOCAB, d_model)
+        self.pos = torch.nn.Embedding(64, d_model)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(d_model, 2, 32, dropout=0.0, batch_first=True) for _ in range(num_layers)
+        )
+        self.head = torch.nn.Linear(d_model, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        x = self.tok(input_ids) + self.pos(torch.arange(input_ids.shape[1], device=input_ids.device))
+        pad = None if attention_mask is None else attention_mask == 0
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad)
+        return self.head(x[:, 0])
+
+
+def batch_for(model: torch.nn.Module, seed: int = 0, batch: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length // 2 :] = 0
+    out: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    if type(model).__name__.startswith("GPT2"):
+        out["labels"] = ids.masked_fill(mask == 0, -100)
+    else:
+        out["labels"] = torch.randint(0, 3, (batch,), generator=g)
+    return out
+
+
+def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if isinstance(model, PlainTransformer):
+        return torch.nn.functional.cross_entropy(model(**batch), batch["labels"])
+    return model(**batch).loss
+
+
+def grads_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_of(model, batch).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class ModelModule(pl.LightningModule):
+    """Wraps any test model with a loss, SGD or AdamW, and an optional LambdaLR schedule."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        schedule: bool = False,
+        record_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.schedule = schedule
+        self.record_dir = record_dir
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch = {k: v for k, v in batch.items() if k != "idx"}
+        return loss_of(self.model, batch)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        if not self.schedule:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + 0.1 * step))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.record_dir is not None:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            torch.save(state, Path(self.record_dir) / f"params_rank{self.global_rank}.pt")

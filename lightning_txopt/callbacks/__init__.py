@@ -1,0 +1,34 @@
+"""Model-side techniques as Lightning callbacks, each beside the plain function it applies."""
+
+from lightning_txopt.callbacks.freeze_embeddings import (
+    FreezeEmbeddings,
+    FrozenEmbeddings,
+    find_input_embeddings,
+    freeze_embeddings,
+    unfreeze_embeddings,
+)
+from lightning_txopt.callbacks.gradient_checkpointing import (
+    CheckpointingPlan,
+    GradientCheckpointing,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    selective_checkpointing_available,
+)
+from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, SharingResult, layer_mapping, share_layers
+
+__all__ = [
+    "CheckpointingPlan",
+    "FreezeEmbeddings",
+    "FrozenEmbeddings",
+    "GradientCheckpointing",
+    "ParameterSharing",
+    "SharingResult",
+    "disable_gradient_checkpointing",
+    "enable_gradient_checkpointing",
+    "find_input_embeddings",
+    "freeze_embeddings",
+    "layer_mapping",
+    "selective_checkpointing_available",
+    "share_layers",
+    "unfreeze_embeddings",
+]

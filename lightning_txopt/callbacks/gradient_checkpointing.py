@@ -1,0 +1,290 @@
+"""Gradient (activation) checkpointing for any transformer: ``enable_gradient_checkpointing`` and its callback.
+
+Checkpointed blocks keep only their inputs during the forward pass and recompute their activations during the backward
+pass: activation memory drops by roughly the depth of the network, at the cost of a second forward of each block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from typing_extensions import override
+
+from lightning_txopt.utils.blocks import find_block_list
+
+__all__ = [
+    "CheckpointingPlan",
+    "GradientCheckpointing",
+    "disable_gradient_checkpointing",
+    "enable_gradient_checkpointing",
+    "hf_checkpointing_enable",
+    "selective_checkpointing_available",
+]
+
+Mode = Literal["full", "selective"]
+_MODES = ("full", "selective")
+
+
+def selective_checkpointing_available() -> bool:
+    """Whether the installed torch has selective activation checkpointing (``create_selective_checkpoint_contexts``)."""
+    import torch.utils.checkpoint as tc
+
+    return hasattr(tc, "create_selective_checkpoint_contexts") and hasattr(tc, "CheckpointPolicy")
+
+
+def _save_matmuls_policy() -> Callable[..., Any]:
+    import torch.utils.checkpoint as tc
+
+    aten = torch.ops.aten
+    keep = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default}
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    ):
+        op = getattr(aten, name, None)
+        if op is not None:
+            keep.add(op.default)
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        return tc.CheckpointPolicy.MUST_SAVE if op in keep else tc.CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _selective_context_fn() -> Callable[[], Any]:
+    import torch.utils.checkpoint as tc
+
+    return functools.partial(tc.create_selective_checkpoint_contexts, _save_matmuls_policy())
+
+
+class _CheckpointedForward:
+    """Replaces a block's ``forward``: runs the class's forward under non-reentrant ``torch.utils.checkpoint``.
+
+    An instance attribute rather than a wrapper module, so parameter and state-dict names do not change; a plain
+    picklable object (not a closure), so models still pickle for ``ddp_spawn`` and deep-copy.
+    """
+
+    def __init__(self, module: nn.Module, mode: Mode) -> None:
+        self.module = module
+        self.mode = mode
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.module).forward
+        if not (self.module.training and torch.is_grad_enabled()):
+            return forward(self.module, *args, **kwargs)
+        extra: dict[str, Any] = {"use_reentrant": False}
+        if self.mode == "selective":
+            extra["context_fn"] = _selective_context_fn()
+        return checkpoint(forward, self.module, *args, **extra, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointingPlan:
+    """What :func:`enable_gradient_checkpointing` did.
+
+    Attributes:
+        mechanism: ``"huggingface"`` (the model's own ``gradient_checkpointing_enable``) or ``"wrap"`` (our wrapper).
+        block_list: Qualified name of the block list (``None`` with the Hugging Face mechanism).
+        checkpointed: Indices of the checkpointed blocks.
+        num_blocks: Number of blocks.
+        mode: ``"full"`` or ``"selective"``.
+    """
+
+    mechanism: str
+    block_list: str | None
+    checkpointed: tuple[int, ...]
+    num_blocks: int
+    mode: str
+
+
+def hf_checkpointing_enable(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Call a Hugging Face model's own checkpointing switch, under its current name.
+
+    transformers 5.2x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns); earlier releases only have the old one.
+    """
+    kwargs = {"use_reentrant": use_reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+
+
+def _hf_checkpointing_disable(model: nn.Module) -> None:
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        disable = getattr(model, name, None)
+        if callable(disable):
+            disable()
+            return
+
+
+def _disable_cache(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False
+
+
+def enable_gradient_checkpointing(
+    model: nn.Module,
+    *,
+    every_n_layers: int = 1,
+    mode: Mode = "full",
+    block_classes: Sequence[str] | None = None,
+    prefer_native: bool = True,
+) -> CheckpointingPlan:
+    """Checkpoint the activations of ``model``'s transformer blocks.
+
+    Hugging Face models that support it, with ``every_n_layers=1``, ``mode="full"`` and no ``block_classes``, use
+    their own mechanism with non-reentrant checkpointing (``use_cache`` is turned off: a KV cache is useless in
+    training and incompatible with recomputation). Any other model, or any other setting: the repeated block list is
+    found (see :func:`~lightning_txopt.utils.blocks.find_block_list`) and every ``every_n_layers``-th block (0, n,
+    2n, ...) runs under non-reentrant ``torch.utils.checkpoint``; parameter names do not change.
+
+    Args:
+        model: The model.
+        every_n_layers: Checkpoint one block in ``n`` (trade memory for speed).
+        mode: ``"full"`` recomputes everything in a block; ``"selective"`` keeps matmul and attention outputs and
+            recomputes the cheap pointwise ops (PyTorch's selective activation checkpointing).
+        block_classes: Class names of the blocks, overriding detection.
+        prefer_native: Use a Hugging Face model's own mechanism where possible.
+
+    Returns:
+        A :class:`CheckpointingPlan`.
+
+    Raises:
+        ValueError: On invalid arguments or a model without a detectable block list.
+        RuntimeError: With ``mode="selective"`` on a torch without selective checkpointing.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+        >>> enable_gradient_checkpointing(model, every_n_layers=2).checkpointed
+        (0, 2)
+    """
+    if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+        raise ValueError(f"`every_n_layers` must be a positive integer, got {every_n_layers!r}.")
+    if mode not in _MODES:
+        raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+    if mode == "selective" and not selective_checkpointing_available():
+        raise RuntimeError(
+            f"mode='selective' needs torch.utils.checkpoint.create_selective_checkpoint_contexts, which torch "
+            f"{torch.__version__} lacks. Upgrade torch (>= 2.5) or use mode='full'."
+        )
+    native = (
+        prefer_native
+        and every_n_layers == 1
+        and mode == "full"
+        and block_classes is None
+        and getattr(model, "supports_gradient_checkpointing", False)
+        and (
+            callable(getattr(model, "activation_checkpointing_enable", None))
+            or callable(getattr(model, "gradient_checkpointing_enable", None))
+        )
+    )
+    if native:
+        hf_checkpointing_enable(model)
+        _disable_cache(model)
+        num = getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0
+        return CheckpointingPlan("huggingface", None, tuple(range(num)), num, mode)
+    found = find_block_list(model, block_classes)
+    chosen = tuple(range(0, len(found), every_n_layers))
+    done: set[int] = set()
+    for i in chosen:
+        block = found.container[i]
+        if id(block) in done:
+            continue  # a block shared by several positions is wrapped once
+        done.add(id(block))
+        block.forward = _CheckpointedForward(block, mode)  # type: ignore[method-assign]
+    _disable_cache(model)
+    return CheckpointingPlan("wrap", found.name, chosen, len(found), mode)
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_gradient_checkpointing` (both mechanisms)."""
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), _CheckpointedForward):
+            del module.forward
+    if getattr(model, "supports_gradient_checkpointing", False):
+        _hf_checkpointing_disable(model)
+
+
+class GradientCheckpointing(Callback):
+    """Apply :func:`enable_gradient_checkpointing` to the LightningModule in ``setup``, before DDP wraps it.
+
+    The callback looks for the transformer inside the LightningModule: with ``attribute`` it uses
+    ``pl_module.<attribute>``; otherwise the first child that is a Hugging Face ``PreTrainedModel`` with native
+    support, else the LightningModule itself (whose block list is then detected).
+
+    Args:
+        every_n_layers: Checkpoint one block in ``n``.
+        mode: ``"full"`` or ``"selective"``.
+        block_classes: Class names of the blocks, overriding detection.
+        prefer_native: Use a Hugging Face model's own mechanism where possible.
+        attribute: Name of the LightningModule attribute holding the model.
+
+    Raises:
+        ValueError: On invalid arguments (checked here, not at fit time).
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_layers: int = 1,
+        mode: Mode = "full",
+        block_classes: list[str] | None = None,
+        prefer_native: bool = True,
+        attribute: str | None = None,
+    ) -> None:
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"`every_n_layers` must be a positive integer, got {every_n_layers!r}.")
+        if mode not in _MODES:
+            raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+        self.every_n_layers = every_n_layers
+        self.mode: Mode = mode
+        self.block_classes = block_classes
+        self.prefer_native = prefer_native
+        self.attribute = attribute
+        self.plan: CheckpointingPlan | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.plan is not None:
+            return
+        target = _find_model(pl_module, self.attribute)
+        self.plan = enable_gradient_checkpointing(
+            target,
+            every_n_layers=self.every_n_layers,
+            mode=self.mode,
+            block_classes=self.block_classes,
+            prefer_native=self.prefer_native,
+        )
+        where = self.plan.block_list or type(target).__name__
+        rank_zero_info(
+            f"GradientCheckpointing: {len(self.plan.checkpointed)}/{self.plan.num_blocks} blocks of {where} "
+            f"checkpointed ({self.plan.mode}, {self.plan.mechanism} mechanism)."
+        )
+
+
+def _find_model(pl_module: nn.Module, attribute: str | None) -> nn.Module:
+    if attribute is not None:
+        target = getattr(pl_module, attribute, None)
+        if not isinstance(target, nn.Module):
+            raise ValueError(f"{type(pl_module).__name__}.{attribute} is not an nn.Module.")
+        return target
+    for child in pl_module.modules():
+        if getattr(child, "supports_gradient_checkpointing", False) and hasattr(child, "config"):
+            return child
+    return pl_module
