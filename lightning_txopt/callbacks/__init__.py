@@ -1,5 +1,13 @@
 """Model-side techniques as Lightning callbacks, each beside the plain function it applies."""
 
+from lightning_txopt.callbacks.accumulation import (
+    AccumulationScheduler,
+    causal_lm_items,
+    count_label_items,
+    count_optimizer_steps,
+    estimated_optimizer_steps,
+    factor_at,
+)
 from lightning_txopt.callbacks.freeze_embeddings import (
     FreezeEmbeddings,
     FrozenEmbeddings,
@@ -17,14 +25,20 @@ from lightning_txopt.callbacks.gradient_checkpointing import (
 from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, SharingResult, layer_mapping, share_layers
 
 __all__ = [
+    "AccumulationScheduler",
     "CheckpointingPlan",
     "FreezeEmbeddings",
     "FrozenEmbeddings",
     "GradientCheckpointing",
     "ParameterSharing",
     "SharingResult",
+    "causal_lm_items",
+    "count_label_items",
+    "count_optimizer_steps",
     "disable_gradient_checkpointing",
     "enable_gradient_checkpointing",
+    "estimated_optimizer_steps",
+    "factor_at",
     "find_input_embeddings",
     "freeze_embeddings",
     "layer_mapping",
