@@ -45,10 +45,16 @@ def environment() -> str:
     import torch
     import transformers
 
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        commit = "unknown"
+    import os
+
+    commit = os.environ.get("TXOPT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL
+            ).strip()
+        except Exception:
+            commit = "unknown"
     return (
         f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {platform.machine()} ({platform.processor() or 'cpu'}), "

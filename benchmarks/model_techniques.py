@@ -23,7 +23,7 @@ from _common import environment, markdown_table
 from transformers import BertConfig, BertForSequenceClassification
 
 from lightning_txopt.callbacks import enable_gradient_checkpointing, freeze_embeddings, share_layers
-from lightning_txopt.callbacks.gradient_checkpointing import selective_checkpointing_available
+from lightning_txopt.callbacks.gradient_checkpointing import hf_checkpointing_enable, selective_checkpointing_available
 
 
 def build(args: argparse.Namespace) -> BertForSequenceClassification:
@@ -118,6 +118,7 @@ def main() -> None:
         ("checkpointing full (HF mechanism)", lambda m: enable_gradient_checkpointing(m)),
         ("checkpointing full (wrapper)", lambda m: enable_gradient_checkpointing(m, prefer_native=False)),
         ("checkpointing every 2nd layer", lambda m: enable_gradient_checkpointing(m, every_n_layers=2)),
+        ("(reference) HF checkpointing, reentrant", lambda m: hf_checkpointing_enable(m, use_reentrant=True)),
     ]
     if selective_checkpointing_available():
         variants.append(("checkpointing selective", lambda m: enable_gradient_checkpointing(m, mode="selective")))

@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 __all__ = [
@@ -177,6 +178,7 @@ class AccumulationScheduler(Callback):
         self._window_batches = 0
         self._window_items: torch.Tensor | int = 0
         self.last_items = 0
+        self._scaler_checked = False
 
     def factor_for(self, *, epoch: int, step: int) -> int:
         """Factor in force at an epoch (``interval="epoch"``) or optimizer step (``interval="step"``)."""
@@ -238,6 +240,32 @@ class AccumulationScheduler(Callback):
         if self.normalize == "tokens":
             items = self.count_items(batch)
             self._window_items = self._window_items + (items.detach() if isinstance(items, torch.Tensor) else items)
+            if not self._scaler_checked:
+                self._scaler_checked = True
+                self._lower_initial_loss_scale(trainer, float(items))
+
+    def _lower_initial_loss_scale(self, trainer: pl.Trainer, items: float) -> None:
+        """Start fp16's GradScaler lower by the expected items per step, once, at the start of a fresh fit.
+
+        A summed loss is ``items`` times a mean loss; with the default initial scale (2**16) its scaled gradients
+        overflow fp16 and GradScaler would skip about ``log2(items)`` first steps while halving its way down.
+        """
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled() or trainer.global_step > 0:
+            return
+        per_step = max(items * self.factor * trainer.world_size, 1.0)
+        current = scaler.get_scale() if scaler._scale is not None else scaler._init_scale
+        new = float(2.0 ** max(math.floor(math.log2(current / per_step)), 0))
+        if new >= current:
+            return
+        if scaler._scale is None:  # not used yet: scale() creates it from _init_scale
+            scaler._init_scale = new
+        else:
+            scaler.update(new_scale=new)
+        rank_zero_info(
+            f"AccumulationScheduler(normalize='tokens'): GradScaler starts at {new:g} instead of {current:g} "
+            f"(summed losses of ~{per_step:,.0f} items per step)."
+        )
 
     @override
     def on_before_optimizer_step(
