@@ -42,10 +42,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 
 def environment() -> str:
+    import os
+
     import torch
     import transformers
-
-    import os
 
     commit = os.environ.get("TXOPT_COMMIT", "")
     if not commit:
