@@ -14,6 +14,7 @@ SCRIPTS = {
     "base.py": ["--batch-size", "16"],
     "bucketing.py": ["--max-tokens", "1024"],
     "freeze_embeddings.py": ["--batch-size", "16"],
+    "accumulation.py": ["--batch-size", "8", "--epochs", "2", "--max-steps", "-1", "--limit", "64"],
     "gradient_checkpointing.py": ["--batch-size", "16"],
     "parameter_sharing.py": ["--batch-size", "16"],
 }
