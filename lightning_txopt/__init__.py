@@ -3,6 +3,17 @@
 Length-aware batching in a DataModule you subclass, and model-side techniques as callbacks.
 """
 
+from lightning_txopt.callbacks import (
+    AccumulationScheduler,
+    FreezeEmbeddings,
+    GradientCheckpointing,
+    ParameterSharing,
+    TokenThroughputMonitor,
+    enable_gradient_checkpointing,
+    estimated_optimizer_steps,
+    freeze_embeddings,
+    share_layers,
+)
 from lightning_txopt.data import (
     BucketBatchSampler,
     BucketDataModule,
@@ -16,20 +27,35 @@ from lightning_txopt.data import (
     padding_report,
     plan_epoch,
 )
+from lightning_txopt.data.text import TextDataModule
+from lightning_txopt.module import TransformerModule
+from lightning_txopt.precision import resolve_precision
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulationScheduler",
     "BucketBatchSampler",
     "BucketDataModule",
     "EpochPlan",
     "FortunesDataModule",
+    "FreezeEmbeddings",
+    "GradientCheckpointing",
     "PaddingCollator",
     "PaddingRow",
+    "ParameterSharing",
+    "TextDataModule",
+    "TokenThroughputMonitor",
+    "TransformerModule",
     "__version__",
     "compute_lengths",
+    "enable_gradient_checkpointing",
+    "estimated_optimizer_steps",
+    "freeze_embeddings",
     "load_fortunes",
     "pad_sequences",
     "padding_report",
     "plan_epoch",
+    "resolve_precision",
+    "share_layers",
 ]

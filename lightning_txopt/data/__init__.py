@@ -8,6 +8,7 @@ from lightning_txopt.data.lengths import compute_lengths
 from lightning_txopt.data.planning import EpochPlan, plan_epoch
 from lightning_txopt.data.report import PaddingRow, padding_report
 from lightning_txopt.data.sampler import BucketBatchSampler
+from lightning_txopt.data.text import TextDataModule, read_records
 
 __all__ = [
     "BucketBatchSampler",
@@ -16,9 +17,11 @@ __all__ = [
     "FortunesDataModule",
     "PaddingCollator",
     "PaddingRow",
+    "TextDataModule",
     "compute_lengths",
     "load_fortunes",
     "pad_sequences",
     "padding_report",
     "plan_epoch",
+    "read_records",
 ]

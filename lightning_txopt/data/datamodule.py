@@ -293,8 +293,10 @@ class BucketDataModule(pl.LightningDataModule):
         )
 
     @override
-    def val_dataloader(self) -> DataLoader:
-        """Validation loader (length-ordered, every sample once over all ranks)."""
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Validation loader (length-ordered, every sample once over all ranks); ``[]`` (no validation) without one."""
+        if self.datasets.get("val") is None:
+            return []
         return self._loader("val", self.make_sampler("val"))
 
     @override

@@ -1,0 +1,221 @@
+"""``TransformerModule``: a LightningModule for Hugging Face sequence classification and causal language models."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lightning_txopt.callbacks.accumulation import AccumulationScheduler, estimated_optimizer_steps
+
+__all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
+
+Task = Literal["sequence-classification", "causal-lm"]
+TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
+_MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Any:
+    """LR multiplier: linear warm-up from 0 to 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
+
+    Example:
+        >>> f = linear_warmup_decay(2, 10)
+        >>> [round(f(s), 3) for s in (0, 1, 2, 6, 10)]
+        [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+class TransformerModule(pl.LightningModule):
+    """Fine-tune or train a Hugging Face ``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``.
+
+    Built from a model name or local folder (``model``) or from a config (``config``: a ``PretrainedConfig`` or a
+    dict with ``model_type``, handy in YAML). AdamW (fused on CUDA; no weight decay on biases and norms), linear
+    warm-up and decay over the *true* number of optimizer steps (:func:`estimated_optimizer_steps`), validation
+    accuracy (classification) or perplexity (causal LM) with torchmetrics, synchronised across ranks.
+
+    Loss contract: the loss of a batch is the mean over its items, unless an
+    :class:`~lightning_txopt.callbacks.AccumulationScheduler` with ``normalize="tokens"`` is among the Trainer's
+    callbacks; then ``training_step`` returns the loss *summed* over items (labels ``!= -100``; causal LMs count
+    shifted labels) and the callback normalises by the items of the whole window and all ranks.
+
+    Args:
+        model: Hugging Face model name or local folder (``from_pretrained``).
+        config: A ``PretrainedConfig`` or a dict with ``model_type`` (random initialisation).
+        task: ``"sequence-classification"`` or ``"causal-lm"``.
+        num_labels: Number of classes (classification).
+        learning_rate: Peak learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and normalisation weights).
+        warmup: Warm-up length: a fraction of the optimizer steps (< 1) or a step count (>= 1).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        attn_implementation: Passed to Hugging Face (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ...).
+
+    Raises:
+        ValueError: If neither or both of ``model``/``config`` are given, or on an unknown task.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        config: Any | None = None,
+        task: Task = "sequence-classification",
+        num_labels: int | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup: float = 0.06,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        attn_implementation: str | None = "sdpa",
+    ) -> None:
+        super().__init__()
+        if (model is None) == (config is None):
+            raise ValueError("Give exactly one of `model` (a name or local folder) and `config`.")
+        if task not in TASKS:
+            raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
+        if learning_rate <= 0 or warmup < 0:
+            raise ValueError(f"`learning_rate` must be > 0 and `warmup` >= 0, got {learning_rate!r}, {warmup!r}.")
+        self.save_hyperparameters(ignore=["config"] if not isinstance(config, dict | None) else None)
+        self.task: Task = task
+        hf_model: Any = self._build(model, config, task, num_labels, attn_implementation)
+        self.model = hf_model
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup = warmup
+        self.betas = betas
+        self.eps = eps
+        self.sum_loss = False
+        if task == "sequence-classification":
+            self.val_accuracy = MulticlassAccuracy(num_classes=int(hf_model.config.num_labels), average="micro")
+        self.val_loss_sum = SumMetric()
+        self.val_items = SumMetric()
+
+    @staticmethod
+    def _build(model: str | None, config: Any, task: Task, num_labels: int | None, attn: str | None) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+        kwargs: dict[str, Any] = {}
+        if num_labels is not None and task == "sequence-classification":
+            kwargs["num_labels"] = num_labels
+        if attn is not None:
+            kwargs["attn_implementation"] = attn
+        if model is not None:
+            return auto.from_pretrained(model, **kwargs)
+        if isinstance(config, dict):
+            config = dict(config)
+            model_type = config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("A `config` dict needs a 'model_type' (e.g. 'bert', 'gpt2').")
+            config = AutoConfig.for_model(model_type, **config)
+        if "num_labels" in kwargs:
+            config.num_labels = kwargs.pop("num_labels")
+        return auto.from_config(config, **kwargs)
+
+    # ------------------------------------------------------------------ loss
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k in _MODEL_KEYS}
+
+    def loss_and_items(
+        self, batch: dict[str, torch.Tensor], reduction: Literal["mean", "sum"]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, item count, logits)`` of a batch; items are labels ``!= -100`` (shifted for causal LMs)."""
+        logits = self.model(**self._model_inputs(batch)).logits
+        labels = batch["labels"]
+        if self.task == "causal-lm":
+            logits_flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+            labels = labels[:, 1:].reshape(-1)
+        else:
+            logits_flat = logits
+        loss = F.cross_entropy(logits_flat.float(), labels, ignore_index=-100, reduction=reduction)
+        return loss, (labels != -100).sum(), logits
+
+    @override
+    def on_fit_start(self) -> None:
+        self.sum_loss = any(
+            isinstance(cb, AccumulationScheduler) and cb.normalize == "tokens"
+            for cb in self.trainer.callbacks  # type: ignore[attr-defined]
+        )
+
+    @override
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return self.model(**inputs)
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, items, _ = self.loss_and_items(batch, "sum" if self.sum_loss else "mean")
+        mean = loss.detach() / items.clamp_min(1) if self.sum_loss else loss.detach()
+        self.log("train_loss", mean, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, items, logits = self.loss_and_items(batch, "sum")
+        self.val_loss_sum.update(loss_sum.detach())
+        self.val_items.update(items)
+        if self.task == "sequence-classification":
+            keep = batch["labels"] != -100
+            self.val_accuracy.update(logits.argmax(-1)[keep], batch["labels"][keep])
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        total, items = self.val_loss_sum.compute(), self.val_items.compute()
+        loss = total / items.clamp_min(1)
+        metrics = {"val_loss": loss}
+        if self.task == "sequence-classification":
+            metrics["val_acc"] = self.val_accuracy.compute()
+            self.val_accuracy.reset()
+        else:
+            metrics["val_ppl"] = torch.exp(loss.clamp(max=30.0))
+        self.log_dict(metrics, prog_bar=True)
+        self.val_loss_sum.reset()
+        self.val_items.reset()
+
+    # ------------------------------------------------------------------ optimisation
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: weight decay on weight matrices only (not biases, norms or embeddings' norms)."""
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    @override
+    def configure_optimizers(self) -> Any:
+        on_cuda = all(p.is_cuda for p in self.parameters())
+        optimizer = torch.optim.AdamW(
+            self.optimizer_groups(), lr=self.learning_rate, betas=self.betas, eps=self.eps, fused=on_cuda or None
+        )
+        total = estimated_optimizer_steps(self.trainer)
+        warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, max(total, 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def flops_per_token(self, seq_len: int = 128) -> float:
+        """Training FLOPs per token: ``6 * non-embedding parameters + 12 * layers * hidden * seq_len`` (attention).
+
+        The usual estimate (Kaplan et al., 2020; PaLM appendix B); ``seq_len`` is the mean processed length.
+        """
+        config = self.model.config
+        layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 0)
+        hidden = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0)
+        params = int(self.model.num_parameters(exclude_embeddings=True))
+        return 6.0 * params + 12.0 * layers * hidden * seq_len

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_txopt.callbacks import AccumulationScheduler
+from lightning_txopt.data import BucketDataModule
+from lightning_txopt.module import TransformerModule, linear_warmup_decay
+from tests.helpers import VOCAB, cpu_trainer, make_samples
+
+BERT = {
+    "model_type": "bert",
+    "vocab_size": VOCAB,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+GPT2 = {
+    "model_type": "gpt2",
+    "vocab_size": VOCAB,
+    "n_embd": 16,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
+
+
+def _lm_samples(n: int) -> list[dict]:
+    out = []
+    for s in make_samples(n, seed=5):
+        out.append({"input_ids": s["input_ids"], "labels": s["input_ids"]})
+    return out
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="exactly one of"):
+        TransformerModule()
+    with pytest.raises(ValueError, match="task"):
+        TransformerModule(config=BERT, task="translation")
+    with pytest.raises(ValueError, match="model_type"):
+        TransformerModule(config={"hidden_size": 8})
+
+
+def test_classification_validation_accuracy_matches_a_manual_count():
+    dm = BucketDataModule(make_samples(40, seed=1), make_samples(23, seed=2), pad_token_id=0, batch_size=8)
+    module = TransformerModule(config=BERT, num_labels=3)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, datamodule=dm)
+    module.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            logits = module.model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+    assert float(trainer.callback_metrics["val_acc"]) == pytest.approx(correct / total)
+    assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(loss_sum / total, rel=1e-5)
+
+
+def test_causal_lm_perplexity_and_summed_loss_contract():
+    dm = BucketDataModule(_lm_samples(24), _lm_samples(8), pad_token_id=0, max_tokens=128)
+    module = TransformerModule(config=GPT2, task="causal-lm", learning_rate=1e-3)
+    trainer = cpu_trainer(max_epochs=1, callbacks=[AccumulationScheduler({0: 2}, normalize="tokens")])
+    trainer.fit(module, datamodule=dm)
+    assert module.sum_loss  # tokens normalisation: training_step returns summed losses
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    summed, items, _ = module.loss_and_items(batch, "sum")
+    mean, _, _ = module.loss_and_items(batch, "mean")
+    lengths = batch["attention_mask"].sum(1)
+    assert int(items) == int((lengths - 1).sum())  # shifted labels: one fewer item per sequence
+    torch.testing.assert_close(summed / items, mean, rtol=1e-5, atol=1e-6)
+    ppl, loss = float(trainer.callback_metrics["val_ppl"]), float(trainer.callback_metrics["val_loss"])
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_optimizer_groups_and_schedule_use_true_step_count():
+    dm = BucketDataModule(make_samples(40, seed=1), pad_token_id=0, batch_size=4)
+    module = TransformerModule(config=BERT, num_labels=3, warmup=0.5)
+    trainer = cpu_trainer(max_epochs=2, callbacks=[AccumulationScheduler({0: 1, 1: 5})])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 10 + 2
+    optimizer = trainer.optimizers[0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
+    no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
+    assert all(id(p) in no_decay for n, p in module.named_parameters() if n.endswith("bias"))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 at the true last step
+
+
+def test_linear_warmup_decay_shape():
+    f = linear_warmup_decay(10, 110)
+    assert f(0) == 0 and f(10) == 1 and f(60) == pytest.approx(0.5) and f(110) == 0
+
+
+def test_flops_per_token_formula():
+    module = TransformerModule(config=BERT, num_labels=3)
+    params = module.model.num_parameters(exclude_embeddings=True)
+    assert module.flops_per_token(seq_len=10) == 6 * params + 12 * 2 * 16 * 10
