@@ -44,8 +44,8 @@ def main() -> None:
         p = int(plan.padded_tokens(lengths).sum())
         rows.append([f"lightning_txopt bucket, batch 32, pool {pool or 'global'}", plan.num_batches, p, real / p])
     min_batches = math.ceil(real / 16384)
-    for strategy in ("dynamic", "bucket"):
-        r = padding_report(lengths, max_tokens=16384, strategies=(strategy,))[0]
+    for strategy in ("dynamic", "bucket", "packed"):
+        r = padding_report(lengths, max_tokens=16384, max_length=512, strategies=(strategy,))[0]
         rows.append(
             [f"{strategy}, max_tokens 16384 (min {min_batches} batches)", r.batches, r.processed_tokens, r.efficiency]
         )

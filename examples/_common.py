@@ -1,4 +1,4 @@
-"""What every example shares: arguments, a minimal classification LightningModule and the trainer."""
+"""What every example shares: arguments, the LightningModule (the library's TransformerModule) and the trainer."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import BertConfig
 
+from lightning_txopt import TokenThroughputMonitor, TransformerModule
 from lightning_txopt.data.fortunes import default_tokenizer_path
 
 
@@ -27,46 +27,18 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-class Classifier(pl.LightningModule):
-    """Fine-tunes a sequence classifier; logs loss and accuracy."""
-
-    def __init__(self, num_labels: int, tiny: bool = False, lr: float = 5e-5) -> None:
-        super().__init__()
-        if tiny:
-            config = BertConfig(
-                vocab_size=30522,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-                num_labels=num_labels,
-            )
-            self.model = BertForSequenceClassification(config)
-        else:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(default_tokenizer_path()), num_labels=num_labels
-            )
-        self.lr = lr
-        self.tokens = 0
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        self.tokens += int(batch["attention_mask"].sum())
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.model(**batch)
-        acc = (out.logits.argmax(-1) == batch["labels"]).float().mean()
-        n = batch["input_ids"].shape[0]
-        self.log_dict({"val_loss": out.loss, "val_acc": acc}, batch_size=n, sync_dist=True)
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+def make_module(num_labels: int, tiny: bool) -> TransformerModule:
+    """The pretrained MiniLM (demo extra) or, with --tiny, a tiny random BERT of the same vocabulary."""
+    if tiny:
+        config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        return TransformerModule(config=config, num_labels=num_labels, learning_rate=1e-4)
+    return TransformerModule(str(default_tokenizer_path()), num_labels=num_labels)
 
 
 def run(args: argparse.Namespace, datamodule: pl.LightningDataModule, num_labels: int, **trainer_kwargs: Any) -> None:
-    model = Classifier(num_labels, tiny=args.tiny)
+    model = make_module(num_labels, args.tiny)
+    monitor = TokenThroughputMonitor(log_every_n_steps=10)
+    trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), monitor]
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         max_steps=args.max_steps,
@@ -80,4 +52,5 @@ def run(args: argparse.Namespace, datamodule: pl.LightningDataModule, num_labels
     trainer.fit(model, datamodule=datamodule)
     seconds = time.perf_counter() - start
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
-    print(f"{model.tokens:,} real tokens in {seconds:.1f} s ({model.tokens / seconds:,.0f} real tokens/s); {metrics}")
+    tokens = monitor.totals["real_tokens"]
+    print(f"{tokens:,} real tokens in {seconds:.1f} s ({tokens / seconds:,.0f} real tokens/s); {metrics}")

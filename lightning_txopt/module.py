@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_txopt.callbacks.accumulation import AccumulationScheduler, estimated_optimizer_steps
+from lightning_txopt.data.packing import check_packing_support, packed_classification_logits
 
 __all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
 
@@ -45,6 +46,10 @@ class TransformerModule(pl.LightningModule):
     dict with ``model_type``, handy in YAML). AdamW (fused on CUDA; no weight decay on biases and norms), linear
     warm-up and decay over the *true* number of optimizer steps (:func:`estimated_optimizer_steps`), validation
     accuracy (classification) or perplexity (causal LM) with torchmetrics, synchronised across ranks.
+
+    Packed batches (``strategy="packed"``) work for both tasks: classification pools each sample at its own first
+    token (BERT-style heads) or last token (decoder heads); at fit start the model is checked to keep packed samples
+    apart, else a clear ``ValueError``.
 
     Loss contract: the loss of a batch is the mean over its items, unless an
     :class:`~lightning_txopt.callbacks.AccumulationScheduler` with ``normalize="tokens"`` is among the Trainer's
@@ -133,7 +138,10 @@ class TransformerModule(pl.LightningModule):
         self, batch: dict[str, torch.Tensor], reduction: Literal["mean", "sum"]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, item count, logits)`` of a batch; items are labels ``!= -100`` (shifted for causal LMs)."""
-        logits = self.model(**self._model_inputs(batch)).logits
+        if "cls_index" in batch and self.task == "sequence-classification":  # packed rows: pool each sample
+            logits = packed_classification_logits(self.model, batch)
+        else:
+            logits = self.model(**self._model_inputs(batch)).logits
         labels = batch["labels"]
         if self.task == "causal-lm":
             logits_flat = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -149,6 +157,9 @@ class TransformerModule(pl.LightningModule):
             isinstance(cb, AccumulationScheduler) and cb.normalize == "tokens"
             for cb in self.trainer.callbacks  # type: ignore[attr-defined]
         )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "strategy", None) == "packed":  # fail now, clearly, rather than mix samples
+            check_packing_support(self.model, causal=self.task == "causal-lm")
 
     @override
     def forward(self, **inputs: torch.Tensor) -> Any:

@@ -13,6 +13,7 @@ TINY = ["--tiny", "--limit", "96", "--max-length", "64", "--max-steps", "3", "--
 SCRIPTS = {
     "base.py": ["--batch-size", "16"],
     "bucketing.py": ["--max-tokens", "1024"],
+    "packing.py": ["--max-tokens", "512"],
     "freeze_embeddings.py": ["--batch-size", "16"],
     "accumulation.py": ["--batch-size", "8", "--epochs", "2", "--max-steps", "-1", "--limit", "64"],
     "gradient_checkpointing.py": ["--batch-size", "16"],

@@ -13,14 +13,15 @@ from typing_extensions import override
 
 from lightning_txopt.data.collator import PaddingCollator
 from lightning_txopt.data.lengths import compute_lengths
+from lightning_txopt.data.packing import PackingCollator
 from lightning_txopt.data.planning import OversizePolicy
 from lightning_txopt.data.report import PaddingRow, padding_report
 from lightning_txopt.data.sampler import BucketBatchSampler
 
 __all__ = ["BucketDataModule", "DATA_STRATEGIES"]
 
-Strategy = Literal["bucket", "dynamic", "fixed"]
-DATA_STRATEGIES: tuple[str, ...] = ("bucket", "dynamic", "fixed")
+Strategy = Literal["bucket", "dynamic", "fixed", "packed"]
+DATA_STRATEGIES: tuple[str, ...] = ("bucket", "dynamic", "fixed", "packed")
 _SPLITS = ("train", "val", "test")
 
 
@@ -37,7 +38,11 @@ class BucketDataModule(pl.LightningDataModule):
     * ``"bucket"`` (default): :class:`~lightning_txopt.data.sampler.BucketBatchSampler` groups similar lengths and
       pads each batch to its longest sample;
     * ``"dynamic"``: random batches, each padded to its longest sample;
-    * ``"fixed"``: random batches padded to ``max_length`` (the baseline of most tutorials).
+    * ``"fixed"``: random batches padded to ``max_length`` (the baseline of most tutorials);
+    * ``"packed"``: padding-free packing: samples concatenated into rows of ``max_length`` tokens (best-fit
+      decreasing), ``max_tokens // max_length`` rows per batch, kept apart by restarted ``position_ids`` and
+      block-diagonal masks (:class:`~lightning_txopt.data.packing.PackingCollator`). Needs ``max_tokens`` and
+      ``max_length``; ``causal=True`` for decoders.
 
     Under ``Trainer(strategy="ddp")`` every loader deals its own batches to the ranks (equal counts, no duplicated
     samples), so Lightning's ``DistributedSampler`` injection is switched off for this trainer in :meth:`setup`.
@@ -71,6 +76,7 @@ class BucketDataModule(pl.LightningDataModule):
         length_key: Key of the token ids.
         padding_side: ``"right"`` or ``"left"``.
         label_pad_token_id: Fill value of token-level labels.
+        causal: ``strategy="packed"`` only: causal block masks, and each sample's first label ignored (decoders).
 
     Raises:
         ValueError: On invalid or conflicting arguments (named in the message).
@@ -110,6 +116,7 @@ class BucketDataModule(pl.LightningDataModule):
         length_key: str = "input_ids",
         padding_side: Literal["right", "left"] = "right",
         label_pad_token_id: int = -100,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if strategy not in DATA_STRATEGIES:
@@ -121,6 +128,11 @@ class BucketDataModule(pl.LightningDataModule):
             )
         if strategy == "fixed" and max_length is None:
             raise ValueError("strategy='fixed' pads every batch to `max_length`: set max_length (e.g. 512).")
+        if strategy == "packed" and (max_tokens is None or max_length is None):
+            raise ValueError(
+                "strategy='packed' fills rows of `max_length` tokens, `max_tokens // max_length` rows per batch: "
+                f"set both (got max_tokens={max_tokens!r}, max_length={max_length!r})."
+            )
         if max_tokens is not None and max_length is not None and max_length > max_tokens and oversize == "error":
             raise ValueError(
                 f"max_length={max_length} > max_tokens={max_tokens}: a sample of max_length tokens would not fit a "
@@ -167,16 +179,28 @@ class BucketDataModule(pl.LightningDataModule):
         self.length_key = length_key
         self.padding_side: Literal["right", "left"] = padding_side
         self.label_pad_token_id = label_pad_token_id
-        self.collator = PaddingCollator(
-            self.pad_token_id,
-            padding="max_length" if strategy == "fixed" else "longest",
-            max_length=max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side,
-            label_pad_token_id=label_pad_token_id,
-            truncation=truncation,
-            input_key=length_key,
-        )
+        self.causal = causal
+        self.collator: PaddingCollator | PackingCollator
+        if strategy == "packed":
+            assert max_length is not None
+            self.collator = PackingCollator(
+                max_length,
+                pad_token_id=self.pad_token_id,
+                causal=causal,
+                label_pad_token_id=label_pad_token_id,
+                input_key=length_key,
+            )
+        else:
+            self.collator = PaddingCollator(
+                self.pad_token_id,
+                padding="max_length" if strategy == "fixed" else "longest",
+                max_length=max_length,
+                pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side,
+                label_pad_token_id=label_pad_token_id,
+                truncation=truncation,
+                input_key=length_key,
+            )
         self._lengths: dict[str, np.ndarray] = {}
         self._train_sampler: BucketBatchSampler | None = None
         self._resume_state: dict[str, Any] | None = None
@@ -258,6 +282,7 @@ class BucketDataModule(pl.LightningDataModule):
             group_by_length=self.strategy == "bucket",
             pool_size=self.pool_size,
             oversize=self.oversize,
+            pack_length=self.max_length if self.strategy == "packed" else None,
         )
 
     def _loader(self, split: str, sampler: BucketBatchSampler) -> DataLoader:
@@ -314,6 +339,7 @@ class BucketDataModule(pl.LightningDataModule):
             max_length=self.max_length,
             pad_to_multiple_of=self.pad_to_multiple_of,
             seed=self.seed,
+            pack_length=self.max_length if self.max_tokens is not None else None,
         )
 
     # ------------------------------------------------------------------ state

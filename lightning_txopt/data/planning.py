@@ -165,6 +165,13 @@ def _budget_offsets(sorted_lengths: np.ndarray, seg_starts: np.ndarray, max_toke
     return np.asarray(out, dtype=np.int64)
 
 
+def _batch_cost(lengths: np.ndarray, order: np.ndarray, offsets: np.ndarray, *, packed: bool) -> np.ndarray:
+    """Work of each batch: padded tokens, or (packed) real tokens."""
+    if packed:
+        return np.add.reduceat(lengths[order], offsets[:-1])
+    return np.diff(offsets) * np.maximum.reduceat(lengths[order], offsets[:-1])
+
+
 def _split_largest(offsets: np.ndarray, count: int) -> tuple[np.ndarray, int]:
     """Split the largest batches in two halves, ``count`` times or until every batch holds one sample.
 
@@ -193,6 +200,7 @@ def plan_epoch(
     group_by_length: bool = True,
     pool_size: int | None = None,
     oversize: OversizePolicy = "error",
+    pack_length: int | None = None,
 ) -> EpochPlan:
     """Plan the batches of one epoch for every rank.
 
@@ -212,6 +220,10 @@ def plan_epoch(
             padding). ``None`` sorts globally.
         oversize: What to do with samples longer than ``max_tokens``: ``"error"`` raises, ``"skip"`` leaves them out
             (listed in :attr:`EpochPlan.skipped`), ``"single"`` gives each a batch of its own (over budget).
+        pack_length: Padding-free packing: samples are packed (best-fit decreasing) into rows of at most
+            ``pack_length`` tokens, and each batch holds ``max_tokens // pack_length`` consecutive rows, listed row
+            by row (each row's samples longest first, rows in creation order) so that
+            :func:`~lightning_txopt.data.packing.next_fit_rows` recovers the rows. Needs ``max_tokens``.
 
     Returns:
         The plan of the epoch.
@@ -243,6 +255,17 @@ def plan_epoch(
         raise ValueError(f"`pool_size` must be a positive integer or None, got {pool_size!r}.")
     if oversize not in _OVERSIZE_POLICIES:
         raise ValueError(f"`oversize` must be one of {_OVERSIZE_POLICIES}, got {oversize!r}.")
+    rows_per_batch = 0
+    if pack_length is not None:
+        if isinstance(pack_length, bool) or not isinstance(pack_length, int | np.integer) or pack_length < 1:
+            raise ValueError(f"`pack_length` must be a positive integer, got {pack_length!r}.")
+        if max_tokens is None:
+            raise ValueError("Packing fills a token budget: give `max_tokens` (tokens per batch) with `pack_length`.")
+        if pack_length > max_tokens:
+            raise ValueError(f"pack_length={pack_length} > max_tokens={max_tokens}: a batch must hold one row.")
+        rows_per_batch = max_tokens // pack_length
+        max_tokens = int(pack_length)  # a sample must fit one row
+    budget = "pack_length (the row length)" if rows_per_batch else "max_tokens"
 
     n_all = lengths.size
     ids = np.arange(n_all, dtype=np.int64)
@@ -256,7 +279,7 @@ def plan_epoch(
             if oversize == "error":
                 i = int(bad[0])
                 raise ValueError(
-                    f"Sample {i} has length {int(lengths[i])} > max_tokens={max_tokens} "
+                    f"Sample {i} has length {int(lengths[i])} > {budget}={max_tokens} "
                     f"({bad.size} sample(s) exceed the budget; the longest is {int(lengths[bad].max())}). "
                     "Raise `max_tokens`, truncate the samples (e.g. `max_length`), or choose "
                     "oversize='skip' or oversize='single'."
@@ -267,8 +290,15 @@ def plan_epoch(
                 singles = bad
             ids = np.flatnonzero(~too_long)
 
-    # 1. order
-    if group_by_length and (pool_size is None or pool_size >= ids.size):
+    # 1. order (packing: best-fit decreasing into rows, rows grouped into batches)
+    if rows_per_batch:
+        from lightning_txopt.data.packing import best_fit_decreasing
+
+        assert max_tokens is not None
+        order, row_offsets = best_fit_decreasing(lengths, ids, max_tokens, _rng(seed, epoch, 0) if shuffle else None)
+        offsets = np.append(row_offsets[:-1:rows_per_batch], row_offsets[-1]).astype(np.int64)
+        seg_starts = np.zeros(0, dtype=np.int64)
+    elif group_by_length and (pool_size is None or pool_size >= ids.size):
         order = _sorted_with_random_ties(lengths, ids, _rng(seed, epoch, 0) if shuffle else None)
         seg_starts = np.zeros(1 if order.size else 0, dtype=np.int64)
     else:
@@ -282,7 +312,9 @@ def plan_epoch(
             seg_starts = np.zeros(1 if order.size else 0, dtype=np.int64)
 
     # 2. cut into batches
-    if batch_size is not None:
+    if rows_per_batch:
+        pass  # cut above
+    elif batch_size is not None:
         if seg_starts.size <= 1:
             offsets = np.append(np.arange(0, order.size, batch_size, dtype=np.int64), order.size)
         else:
@@ -310,7 +342,7 @@ def plan_epoch(
     remainder = num_batches % num_replicas
     if remainder:
         if drop_last:
-            cost = np.diff(offsets) * np.maximum.reduceat(lengths[order], offsets[:-1])
+            cost = _batch_cost(lengths, order, offsets, packed=bool(rows_per_batch))
             drop = np.sort(np.argsort(cost, kind="stable")[:remainder])
             keep = np.setdiff1d(np.arange(num_batches), drop)
             skipped = np.concatenate([skipped] + [order[offsets[b] : offsets[b + 1]] for b in drop])
@@ -340,8 +372,7 @@ def plan_epoch(
     batch_ids = np.arange(num_batches, dtype=np.int64)
     if num_replicas > 1:
         maxlen = np.maximum.reduceat(lengths[order], offsets[:-1])
-        cost = np.diff(offsets) * maxlen
-        batch_ids = np.lexsort((maxlen, cost))
+        batch_ids = np.lexsort((maxlen, _batch_cost(lengths, order, offsets, packed=bool(rows_per_batch))))
     schedule = batch_ids.reshape(-1, num_replicas)
     if shuffle:
         schedule = schedule[rng.permutation(schedule.shape[0])]

@@ -14,7 +14,7 @@ from lightning_txopt.data.planning import as_lengths, plan_epoch
 
 __all__ = ["PaddingRow", "padding_report", "STRATEGIES"]
 
-STRATEGIES = ("fixed", "dynamic", "bucket")
+STRATEGIES = ("fixed", "dynamic", "bucket", "packed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,14 @@ def _round_up(widths: np.ndarray, multiple: int | None) -> np.ndarray:
     return -(-widths // multiple) * multiple
 
 
+def _packed_tokens(lengths: np.ndarray, capacity: int) -> int:
+    """Tokens a packed batch processes: rows x the longest row (what PackingCollator builds)."""
+    from lightning_txopt.data.packing import next_fit_rows
+
+    row_len = np.bincount(next_fit_rows(lengths, capacity), weights=lengths)
+    return int(row_len.size * row_len.max())
+
+
 def padding_report(
     lengths: npt.ArrayLike | Sequence[int],
     *,
@@ -60,13 +68,15 @@ def padding_report(
     seed: int = 0,
     epoch: int = 0,
     num_replicas: int = 1,
-    strategies: Sequence[str] = STRATEGIES,
+    strategies: Sequence[str] | None = None,
+    pack_length: int | None = None,
 ) -> list[PaddingRow]:
     """Count real and processed (padded) tokens of one epoch under each batching strategy.
 
     Strategies: ``"fixed"`` pads every sample to ``max_length`` (default: the longest sample); ``"dynamic"`` pads
     random batches to their longest sample; ``"bucket"`` is :class:`~lightning_txopt.data.sampler.BucketBatchSampler`
-    (length-grouped, shuffled). With ``max_tokens`` the batches of each strategy fill that budget of padded tokens.
+    (length-grouped, shuffled); ``"packed"`` concatenates samples into rows of ``pack_length`` tokens (only the end
+    of each row is padded). With ``max_tokens`` the batches of each strategy fill that budget of padded tokens.
 
     Args:
         lengths: One length per sample.
@@ -77,7 +87,9 @@ def padding_report(
         seed: Shuffling seed.
         epoch: Epoch whose plan is counted.
         num_replicas: Ranks the batches are dealt to (splits change the counts slightly).
-        strategies: Which rows to compute, in order.
+        strategies: Which rows to compute, in order; default: fixed, dynamic, bucket, and packed when
+            ``max_tokens`` is given.
+        pack_length: Row length of ``"packed"`` (default: ``max_length``, else the longest sample).
 
     Returns:
         One :class:`PaddingRow` per strategy with ``batches``, ``real_tokens``, ``processed_tokens`` and
@@ -92,6 +104,8 @@ def padding_report(
         [('fixed', 2, 18, 32), ('bucket', 2, 18, 24)]
     """
     lens = as_lengths(lengths)
+    if strategies is None:
+        strategies = STRATEGIES if max_tokens is not None else STRATEGIES[:3]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"Unknown strategy {unknown[0]!r}; choose from {STRATEGIES}.")
@@ -105,6 +119,16 @@ def padding_report(
         batch_size=batch_size, max_tokens=max_tokens, seed=seed, epoch=epoch, num_replicas=num_replicas
     )
     for strategy in strategies:
+        if strategy == "packed":
+            if max_tokens is None:
+                raise ValueError("The 'packed' strategy fills a token budget: give `max_tokens`.")
+            row = pack_length or fixed_len
+            plan = plan_epoch(truncated, pack_length=min(row, max_tokens), **common)
+            processed = sum(
+                _packed_tokens(truncated[plan.batch(b)], min(row, max_tokens)) for b in range(plan.num_batches)
+            )
+            rows.append(PaddingRow(strategy, plan.num_batches, real, processed, real / processed))
+            continue
         if strategy == "fixed":
             plan = plan_epoch(np.full_like(truncated, fixed_len), group_by_length=False, **common)
             width = _round_up(np.full(plan.num_batches, fixed_len), pad_to_multiple_of)

@@ -88,6 +88,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             padding). ``None`` sorts globally, with random order among equal lengths.
         oversize: Samples longer than ``max_tokens``: ``"error"`` (default) raises a ``ValueError`` naming the
             sample, ``"skip"`` leaves them out with a warning, ``"single"`` puts each alone in a batch.
+        pack_length: Padding-free packing (needs ``max_tokens``): batches of ``max_tokens // pack_length`` rows of
+            at most ``pack_length`` tokens each, for :class:`~lightning_txopt.data.packing.PackingCollator`.
 
     Raises:
         ValueError: On invalid arguments, empty or non-positive lengths, or a sample over ``max_tokens``
@@ -115,6 +117,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         group_by_length: bool = True,
         pool_size: int | None = None,
         oversize: OversizePolicy = "error",
+        pack_length: int | None = None,
     ) -> None:
         if (batch_size is None) == (max_tokens is None):
             raise ValueError(
@@ -138,6 +141,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.group_by_length = group_by_length
         self.pool_size = pool_size
         self.oversize: OversizePolicy = oversize
+        self.pack_length = pack_length
         self.epoch = 0
         self._skip = 0  # batches to skip at the next __iter__ (resume)
         self._yielded = 0  # batches yielded by the running iteration
@@ -163,9 +167,10 @@ class BucketBatchSampler(Sampler[list[int]]):
             group_by_length=self.group_by_length,
             pool_size=self.pool_size,
             oversize=self.oversize,
+            pack_length=self.pack_length,
         )
         if plan.skipped.size and self.oversize == "skip" and not self._warned_skip and self.max_tokens is not None:
-            n_over = int((self.lengths > self.max_tokens).sum())
+            n_over = int((self.lengths > (self.pack_length or self.max_tokens)).sum())
             if n_over:
                 rank_zero_warn(
                     f"BucketBatchSampler: {n_over} sample(s) longer than max_tokens={self.max_tokens} are skipped "

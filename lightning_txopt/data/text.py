@@ -144,6 +144,7 @@ class TextDataModule(BucketDataModule):
                 "`tokenizer.pad_token = tokenizer.eos_token` first, or pass `pad_token_id`."
             )
         kwargs.setdefault("tokenizer", tok)
+        kwargs.setdefault("causal", task == "causal-lm")
         super().__init__(max_length=max_length, **kwargs)
         self.tokenizer = tok
         self.data = data
