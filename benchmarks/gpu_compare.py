@@ -1,0 +1,419 @@
+"""Side by side on one GPU: the Hugging Face Trainer, a plain PyTorch loop, and lightning_txopt, in one process.
+
+    python benchmarks/gpu_compare.py --json docs/results/gpu_compare_h200.json     # H200: about 5 minutes
+    python benchmarks/gpu_compare.py --quick                                       # CPU smoke run
+
+All rows train a random-init BERT-base shape (12 layers, 768 hidden) sequence classifier (40 classes) on the
+embedded corpus, for the same number of optimizer steps after a warm-up, and report real (non-pad) tokens/s,
+samples/s, padding efficiency and peak memory. The token ids are random with each text's real BERT-uncased length
+(``tests/data/fortune_lengths.npy``) and its real label: throughput depends on the lengths only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from _common import RECORDED_LENGTHS, environment, markdown_table
+from transformers import BertConfig, BertForSequenceClassification
+
+from lightning_txopt import load_fortunes
+from lightning_txopt.callbacks import FreezeEmbeddings, GradientCheckpointing
+from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
+from lightning_txopt.module import TransformerModule
+
+
+def corpus_samples(limit: int | None) -> list[dict[str, Any]]:
+    lengths = np.load(RECORDED_LENGTHS)
+    labels = sorted({r["label"] for r in load_fortunes()})
+    label_id = {name: i for i, name in enumerate(labels)}
+    records = load_fortunes()
+    rng = np.random.default_rng(0)
+    samples = []
+    for n, r in zip(lengths.tolist(), records):
+        ids = rng.integers(1000, 30000, n)
+        ids[0], ids[-1] = 101, 102  # [CLS] ... [SEP]
+        samples.append({"input_ids": ids.astype(np.int64), "labels": label_id[r["label"]]})
+    if limit:
+        samples = [samples[i] for i in rng.permutation(len(samples))[:limit]]
+    return samples
+
+
+def bert_config(args: argparse.Namespace) -> BertConfig:
+    if args.quick:
+        return BertConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, num_labels=40
+        )
+    return BertConfig(num_labels=40)  # BERT-base: 12 x 768, 110M parameters
+
+
+class _Window:
+    """Times steps warmup+1 .. warmup+steps and counts their tokens."""
+
+    def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
+        self.warmup, self.steps, self.cuda = warmup, steps, cuda
+        self.t0 = self.t1 = 0.0
+        self.real = self.processed = self.samples = 0
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def batch(self, step: int, batch: dict[str, torch.Tensor]) -> None:
+        """Call before step ``step`` (0-based) runs on ``batch``."""
+        if step == self.warmup:
+            self.t0 = self.now()
+        if self.warmup <= step < self.warmup + self.steps:
+            mask = batch["attention_mask"]
+            self.real += int(mask.sum()) if mask.dim() == 2 else int(batch["cu_seq_lens"][-1])
+            self.processed += int(batch["input_ids"].numel())
+            self.samples += int(batch["labels"].shape[0])
+
+    def end(self) -> None:
+        self.t1 = self.now()
+
+    def row(self, name: str, peak: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        seconds = max(self.t1 - self.t0, 1e-9)
+        return {
+            "row": name,
+            "real_tokens_per_s": self.real / seconds,
+            "samples_per_s": self.samples / seconds,
+            "padding_efficiency": self.real / max(self.processed, 1),
+            "peak_memory_gib": peak,
+            "seconds": seconds,
+            "real_tokens": self.real,
+            **(extra or {}),
+        }
+
+
+def _reset_memory(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(cuda: bool) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face Trainer
+def _sampling_kwargs(strategy: str) -> dict[str, Any]:
+    """TrainingArguments for a sampling strategy, across transformers releases (None: not available)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    if "train_sampling_strategy" in fields:  # transformers >= 5.2x
+        choices = fields["train_sampling_strategy"].metadata.get("choices", [])
+        return {"train_sampling_strategy": strategy} if strategy in choices else {}
+    if strategy == "group_by_length" and "group_by_length" in fields:
+        return {"group_by_length": True}
+    return {}
+
+
+def hf_trainer_row(
+    name: str,
+    samples: list[dict],
+    args: argparse.Namespace,
+    *,
+    fixed: bool,
+    bf16: bool,
+    group_by_length: bool = False,
+    multiple_of: int | None = None,
+    checkpointing: bool = False,
+    extra_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    window = _Window(args.warmup, args.steps, cuda)
+    collate = PaddingCollator(
+        0, padding="max_length" if fixed else "longest", max_length=512, pad_to_multiple_of=multiple_of
+    )
+    calls = {"n": 0}
+
+    def collator(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(features)
+        window.batch(calls["n"], batch)  # num_workers=0: the k-th collation feeds the k-th step
+        calls["n"] += 1
+        return batch
+
+    class End(TrainerCallback):
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            window.end()
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config(args))
+    sampling = dict(extra_args or {})
+    if group_by_length and not sampling:
+        sampling = _sampling_kwargs("group_by_length")
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=32,
+            max_steps=args.warmup + args.steps,
+            learning_rate=5e-5,
+            bf16=bf16 and cuda,
+            gradient_checkpointing=checkpointing,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            optim="adamw_torch_fused" if cuda else "adamw_torch",
+            seed=0,
+            use_cpu=not cuda,
+            disable_tqdm=True,
+            **sampling,
+        )
+        _reset_memory(cuda)
+        Trainer(model=model, args=targs, train_dataset=samples, data_collator=collator, callbacks=[End()]).train()
+    return window.row(name, _peak(cuda))
+
+
+# ------------------------------------------------------------------------------------------ plain PyTorch loop
+def plain_loop_row(name: str, samples: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    window = _Window(args.warmup, args.steps, cuda)
+    lengths = np.array([len(s["input_ids"]) for s in samples])
+    sampler = BucketBatchSampler(lengths, max_tokens=args.max_tokens, seed=0)
+    collate = PaddingCollator(0)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config(args)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=cuda or None)
+    _reset_memory(cuda)
+    step = 0
+    while step < args.warmup + args.steps:
+        for indices in sampler:
+            if step >= args.warmup + args.steps:
+                break
+            batch = collate([samples[i] for i in indices])
+            window.batch(step, batch)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+        sampler.set_epoch(sampler.epoch + 1)
+    window.end()
+    return window.row(name, _peak(cuda))
+
+
+# ------------------------------------------------------------------------------------------ lightning_txopt
+class _LightningWindow(pl.Callback):
+    def __init__(self, window: _Window) -> None:
+        self.window = window
+        self.step = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        self.window.batch(self.step, batch)
+        self.step += 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.window.end()
+
+
+def lightning_row(
+    name: str,
+    samples: list[dict],
+    args: argparse.Namespace,
+    *,
+    callbacks: list[Any] | None = None,
+    strategy: str = "bucket",
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    window = _Window(args.warmup, args.steps, cuda)
+    dm = BucketDataModule(
+        samples,
+        pad_token_id=0,
+        strategy=strategy,
+        max_tokens=args.max_tokens,  # type: ignore[arg-type]
+        max_length=max_length,
+        seed=0,
+    )
+    torch.manual_seed(0)
+    module = TransformerModule(config=bert_config(args), num_labels=40)
+    trainer = pl.Trainer(
+        accelerator="cuda" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=args.warmup + args.steps,
+        callbacks=[*(callbacks or []), _LightningWindow(window)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    _reset_memory(cuda)
+    trainer.fit(module, datamodule=dm)
+    return window.row(name, _peak(cuda))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 512 texts: a smoke run on CPU")
+    parser.add_argument("--only", default="", help="comma-separated row prefixes to run (default: all)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.max_tokens = min(args.steps, 3), min(args.warmup, 1), min(args.max_tokens, 2048)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    samples = corpus_samples(512 if args.quick else None)
+    cuda = torch.cuda.is_available()
+    T = args.max_tokens
+    rows_to_run: list[tuple[str, Any]] = [
+        (
+            "HF Trainer: fixed padding 512, fp32, batch 32",
+            lambda: hf_trainer_row(
+                "HF Trainer: fixed padding 512, fp32, batch 32", samples, args, fixed=True, bf16=False
+            ),
+        ),
+        (
+            "HF Trainer: dynamic padding, bf16, batch 32",
+            lambda: hf_trainer_row(
+                "HF Trainer: dynamic padding, bf16, batch 32", samples, args, fixed=False, bf16=True
+            ),
+        ),
+        (
+            "HF Trainer: group_by_length, bf16, multiple of 8, batch 32",
+            lambda: hf_trainer_row(
+                "HF Trainer: group_by_length, bf16, multiple of 8, batch 32",
+                samples,
+                args,
+                fixed=False,
+                bf16=True,
+                group_by_length=True,
+                multiple_of=8,
+            ),
+        ),
+        (
+            "HF Trainer: group_by_length + gradient checkpointing",
+            lambda: hf_trainer_row(
+                "HF Trainer: group_by_length + gradient checkpointing",
+                samples,
+                args,
+                fixed=False,
+                bf16=True,
+                group_by_length=True,
+                multiple_of=8,
+                checkpointing=True,
+            ),
+        ),
+        (
+            f"plain PyTorch loop: our token-budget batches ({T}), bf16, AdamW fused",
+            lambda: plain_loop_row(
+                f"plain PyTorch loop: our token-budget batches ({T}), bf16, AdamW fused", samples, args
+            ),
+        ),
+        (
+            f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed",
+            lambda: lightning_row(f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed", samples, args),
+        ),
+        (
+            "lightning_txopt: + FreezeEmbeddings",
+            lambda: lightning_row("lightning_txopt: + FreezeEmbeddings", samples, args, callbacks=[FreezeEmbeddings()]),
+        ),
+        (
+            "lightning_txopt: + FreezeEmbeddings + GradientCheckpointing",
+            lambda: lightning_row(
+                "lightning_txopt: + FreezeEmbeddings + GradientCheckpointing",
+                samples,
+                args,
+                callbacks=[FreezeEmbeddings(), GradientCheckpointing()],
+            ),
+        ),
+        (
+            f"lightning_txopt: packed rows of 512, max_tokens={T}, bf16-mixed",
+            lambda: lightning_row(
+                f"lightning_txopt: packed rows of 512, max_tokens={T}, bf16-mixed",
+                samples,
+                args,
+                strategy="packed",
+                max_length=512,
+            ),
+        ),
+    ]
+    rebalance = _sampling_kwargs("batch_rebalance")
+    if rebalance:  # only recent transformers releases have it
+        rows_to_run.insert(
+            4,
+            (
+                "HF Trainer: batch_rebalance, bf16, multiple of 8, batch 32",
+                lambda: hf_trainer_row(
+                    "HF Trainer: batch_rebalance, bf16, multiple of 8, batch 32",
+                    samples,
+                    args,
+                    fixed=False,
+                    bf16=True,
+                    group_by_length=True,
+                    multiple_of=8,
+                    extra_args=rebalance,
+                ),
+            ),
+        )
+    only = [p.strip() for p in args.only.split(",") if p.strip()]
+    rows = []
+    for name, fn in rows_to_run:
+        if only and not any(name.startswith(p) for p in only):
+            continue
+        rows.append(fn())
+        print(f"done: {name}: {rows[-1]['real_tokens_per_s']:,.0f} real tokens/s", flush=True)
+    ref = next((r for r in rows if r["row"].startswith("HF Trainer: group_by_length, bf16")), rows[0])
+    loop = next((r for r in rows if r["row"].startswith("plain PyTorch")), rows[0])
+    table = [
+        [
+            r["row"],
+            r["real_tokens_per_s"],
+            r["real_tokens_per_s"] / ref["real_tokens_per_s"],
+            r["real_tokens_per_s"] / loop["real_tokens_per_s"],
+            r["samples_per_s"],
+            r["padding_efficiency"],
+            r["peak_memory_gib"],
+            r["peak_memory_gib"] / ref["peak_memory_gib"] if cuda else float("nan"),
+        ]
+        for r in rows
+    ]
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    header = (
+        f"{device}, BERT-base shape{' (quick: tiny)' if args.quick else ''}, {args.steps} timed optimizer steps "
+        f"per row after {args.warmup} warm-up steps"
+    )
+    print(f"\n{header}\n")
+    print(
+        markdown_table(
+            [
+                "row",
+                "real tokens/s",
+                "x HF length-grouped",
+                "x plain loop",
+                "samples/s",
+                "padding efficiency",
+                "peak GiB",
+                "peak x HF length-grouped",
+            ],
+            table,
+        )
+    )
+    print(f"\n{environment()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "environment": environment(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
