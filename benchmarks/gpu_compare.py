@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from _common import RECORDED_LENGTHS, environment, markdown_table
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertConfig
 
 from lightning_txopt import load_fortunes
 from lightning_txopt.callbacks import FreezeEmbeddings, GradientCheckpointing
@@ -151,7 +151,7 @@ def hf_trainer_row(
             window.end()
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(bert_config(args))
+    model = AutoModelForSequenceClassification.from_config(bert_config(args), attn_implementation="sdpa")
     sampling = dict(extra_args or {})
     if group_by_length and not sampling:
         sampling = _sampling_kwargs("group_by_length")
@@ -188,7 +188,9 @@ def plain_loop_row(name: str, samples: list[dict], args: argparse.Namespace) -> 
     sampler = BucketBatchSampler(lengths, max_tokens=args.max_tokens, seed=0)
     collate = PaddingCollator(0)
     torch.manual_seed(0)
-    model = BertForSequenceClassification(bert_config(args)).to(device).train()
+    model = (
+        AutoModelForSequenceClassification.from_config(bert_config(args), attn_implementation="sdpa").to(device).train()
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=cuda or None)
     _reset_memory(cuda)
     step = 0
@@ -394,6 +396,7 @@ def main() -> None:
         f"{device}, BERT-base shape{' (quick: tiny)' if args.quick else ''}, {args.steps} timed optimizer steps "
         f"per row after {args.warmup} warm-up steps"
     )
+    header += " (every model: attn_implementation='sdpa')"
     print(f"\n{header}\n")
     print(
         markdown_table(

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 from _common import environment, markdown_table
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertConfig
 
 from lightning_txopt.callbacks import enable_gradient_checkpointing, freeze_embeddings, share_layers
 from lightning_txopt.callbacks.gradient_checkpointing import hf_checkpointing_enable, selective_checkpointing_available
 
 
-def build(args: argparse.Namespace) -> BertForSequenceClassification:
+def build(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
     if args.tiny:
         config = BertConfig(
@@ -40,7 +40,7 @@ def build(args: argparse.Namespace) -> BertForSequenceClassification:
     else:
         config = BertConfig(num_labels=40, max_position_embeddings=max(512, args.seq_len))
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    return BertForSequenceClassification(config)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
 
 
 def run(args: argparse.Namespace, name: str, apply: Callable[[torch.nn.Module], Any]) -> dict[str, Any]:

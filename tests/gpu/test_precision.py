@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_txopt.callbacks import AccumulationScheduler, FreezeEmbeddings, GradientCheckpointing, ParameterSharing
 from lightning_txopt.data import BucketDataModule
@@ -102,17 +101,23 @@ def _skipped(module: SumLossModule) -> set[int]:
     return {i for i, w in enumerate(_windows(module.snapshots)) if all(torch.equal(w[2][k], w[3][k]) for k in w[2])}
 
 
+class _InfOnce(SumLossModule):
+    """Returns an infinite loss on one micro-batch, so that GradScaler must skip that window's step."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == 1 and batch_idx == 2 else loss
+
+
 def test_skipped_fp16_steps_do_not_corrupt_counts():
-    """A GradScaler that starts far too high skips the first steps; later steps are still exact."""
-    module = SumLossModule(reduction="sum")
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40, growth_interval=10**6)
-    plugin = MixedPrecision("16-mixed", "cuda", scaler=scaler)
-    trainer = gpu_trainer(max_epochs=2, plugins=[plugin], callbacks=[AccumulationScheduler({0: 2}, normalize="tokens")])
+    """A step GradScaler skips (inf gradients) leaves the next windows' counts and gradients exact."""
+    module = _InfOnce(reduction="sum")
+    trainer = gpu_trainer(
+        max_epochs=2, precision="16-mixed", callbacks=[AccumulationScheduler({0: 2}, normalize="tokens")]
+    )
     trainer.fit(module, datamodule=_dm())
-    windows = _windows(module.snapshots)
-    skipped = {i for i, w in enumerate(windows) if all(torch.equal(w[2][k], w[3][k]) for k in w[2])}
-    assert skipped, "the scaler should have skipped at least one step"
-    assert scaler.get_scale() < 2.0**40
+    skipped = _skipped(module)
+    assert 1 in skipped, "the window with the infinite loss must be skipped"
     errors = _relative_errors(module, "tokens")
     taken = [e for i, (_, e) in enumerate(errors) if i not in skipped]
-    assert taken and max(taken) < 2e-2, errors
+    assert len(taken) >= len(errors) - 2 and max(taken) < 2e-2, errors
