@@ -180,7 +180,9 @@ def hf_trainer_row(
 
 
 # ------------------------------------------------------------------------------------------ plain PyTorch loop
-def plain_loop_row(name: str, samples: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+def plain_loop_row(
+    name: str, samples: list[dict], args: argparse.Namespace, *, hf_loss: bool = False
+) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     window = _Window(args.warmup, args.steps, cuda)
@@ -202,7 +204,11 @@ def plain_loop_row(name: str, samples: list[dict], args: argparse.Namespace) -> 
             window.batch(step, batch)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(**batch).loss
+                if hf_loss:  # labels into the model: its own loss function
+                    loss = model(**batch).loss
+                else:  # the loss computed as TransformerModule does
+                    labels = batch.pop("labels")
+                    loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
