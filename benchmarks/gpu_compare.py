@@ -330,6 +330,15 @@ def main() -> None:
             ),
         ),
         (
+            "plain PyTorch loop, same batches, labels passed to the model (its own loss)",
+            lambda: plain_loop_row(
+                "plain PyTorch loop, same batches, labels passed to the model (its own loss)",
+                samples,
+                args,
+                hf_loss=True,
+            ),
+        ),
+        (
             f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed",
             lambda: lightning_row(f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed", samples, args),
         ),
