@@ -246,13 +246,29 @@ def warm_up(samples: list[dict], args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ lightning_txopt
+class _CountingCollator:
+    """Wraps the DataModule's collator: counts each batch on the CPU (no device sync in the timed loop)."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+        self.pending: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collate(samples)
+        self.pending.append(
+            {k: batch[k] for k in ("attention_mask", "input_ids", "labels", "cu_seq_lens") if k in batch}
+        )
+        return batch
+
+
 class _LightningWindow(pl.Callback):
-    def __init__(self, window: _Window) -> None:
+    def __init__(self, window: _Window, counter: _CountingCollator) -> None:
         self.window = window
+        self.counter = counter
         self.step = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        self.window.batch(self.step, batch)
+        self.window.batch(self.step, self.counter.pending.pop(0))  # batches arrive in collation order
         self.step += 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -278,6 +294,8 @@ def lightning_row(
         max_length=max_length,
         seed=0,
     )
+    counter = _CountingCollator(dm.collator)
+    dm.collator = counter  # type: ignore[assignment]
     torch.manual_seed(0)
     module = TransformerModule(config=bert_config(args), num_labels=40)
     trainer = pl.Trainer(
@@ -285,7 +303,7 @@ def lightning_row(
         devices=1,
         precision="bf16-mixed" if cuda else "32-true",
         max_steps=args.warmup + args.steps,
-        callbacks=[*(callbacks or []), _LightningWindow(window)],
+        callbacks=[*(callbacks or []), _LightningWindow(window, counter)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
