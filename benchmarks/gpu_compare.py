@@ -315,6 +315,35 @@ def lightning_row(
     return window.row(name, _peak(cuda))
 
 
+def chart(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["row"].replace("lightning_txopt: ", "txopt: ").replace("HF Trainer: ", "HF: ") for r in rows]
+    colors = [
+        "#8c8c8c" if r["row"].startswith("HF") else "#dd8452" if r["row"].startswith("plain") else "#4c72b0"
+        for r in rows
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 1.5), sharey=True)
+    y = range(len(rows))
+    left.barh(y, [r["real_tokens_per_s"] for r in rows], color=colors)
+    left.set_xscale("log")
+    left.set_xlabel("real (non-pad) tokens / s, log scale")
+    right.barh(y, [r["peak_memory_gib"] for r in rows], color=colors)
+    right.set_xlabel("peak memory, GiB")
+    left.set_yticks(list(y), names, fontsize=8)
+    left.invert_yaxis()
+    for i, r in enumerate(rows):
+        left.text(r["real_tokens_per_s"], i, f" {r['real_tokens_per_s'] / 1000:,.0f}k", va="center", fontsize=8)
+    fig.suptitle(result["header"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per row")
@@ -323,7 +352,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 512 texts: a smoke run on CPU")
     parser.add_argument("--only", default="", help="comma-separated row prefixes to run (default: all)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--chart", default=None, help="write a PNG chart of real tokens/s and peak memory here")
+    parser.add_argument("--chart-from", default=None, help="only draw --chart from an earlier --json file")
     args = parser.parse_args()
+    if args.chart_from:
+        chart(json.loads(Path(args.chart_from).read_text()), args.chart)
+        return
     if args.quick:
         args.steps, args.warmup, args.max_tokens = min(args.steps, 3), min(args.warmup, 1), min(args.max_tokens, 2048)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
