@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import platform
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from lightning_txopt.utils.table import markdown_table
+
+__all__ = ["RECORDED_LENGTHS", "ROOT", "corpus_lengths", "environment", "markdown_table"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED_LENGTHS = ROOT / "tests" / "data" / "fortune_lengths.npy"
@@ -26,19 +29,6 @@ def corpus_lengths() -> np.ndarray:
         return np.array([len(x) for x in tok(texts, truncation=True, max_length=512)["input_ids"]])
     except ImportError:
         return np.load(RECORDED_LENGTHS)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def environment() -> str:

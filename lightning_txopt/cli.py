@@ -15,24 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from lightning_txopt.utils.table import markdown_table
+
 __all__ = ["main"]
 
 _KNOWN_ERRORS = (FileNotFoundError, ValueError, KeyError, ImportError, TypeError)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            if v != v:
-                return "n/a"
-            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------- stats
@@ -66,7 +53,7 @@ def _stats(args: argparse.Namespace) -> int:
     )
     unit = f"batch {args.batch_size}" if args.batch_size else f"max_tokens {args.max_tokens}"
     print(
-        _table(
+        markdown_table(
             [f"strategy ({unit})", "batches", "real tokens", "processed tokens", "efficiency"],
             [[r.strategy, r.batches, r.real_tokens, r.processed_tokens, r.efficiency] for r in rows],
         )
@@ -134,6 +121,24 @@ def _fit(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- demo
+def _model_source(tiny: bool) -> tuple[str | None, Any]:
+    """``(model path, config)``: the demo extra's pretrained MiniLM, or with ``--tiny`` a tiny random BERT."""
+    if tiny:
+        from transformers import BertConfig
+
+        config = BertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        )
+        return None, config
+    from lightning_txopt.data.text import default_tokenizer_path
+
+    return str(default_tokenizer_path()), None
+
+
 def _demo_sizes(args: argparse.Namespace) -> tuple[str, int | None, int, int]:
     import torch
 
@@ -147,25 +152,11 @@ def _demo_sizes(args: argparse.Namespace) -> tuple[str, int | None, int, int]:
 
 def _demo(args: argparse.Namespace) -> int:
     from lightning_txopt.callbacks import AccumulationScheduler, FreezeEmbeddings
-    from lightning_txopt.data.text import TextDataModule, default_tokenizer_path
+    from lightning_txopt.data.text import TextDataModule
     from lightning_txopt.demo import measure_run
     from lightning_txopt.precision import resolve_precision
 
-    if args.tiny:
-        from transformers import BertConfig
-
-        model, config = (
-            None,
-            BertConfig(
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-                max_position_embeddings=512,
-            ),
-        )
-    else:
-        model, config = str(default_tokenizer_path()), None
+    model, config = _model_source(args.tiny)
     device, limit, max_length, epochs = _demo_sizes(args)
     max_tokens = args.max_tokens or (16384 if device == "cuda" else 4096)
     common: dict[str, Any] = dict(limit=limit, max_length=max_length, seed=args.seed)
@@ -223,7 +214,7 @@ def _demo(args: argparse.Namespace) -> int:
         for r in results
     ]
     speedup = optimised.real_tokens_per_sec / baseline.real_tokens_per_sec if baseline.real_tokens_per_sec else 0
-    print("\n" + _table(header, rows))
+    print("\n" + markdown_table(header, rows))
     print(f"\nreal tokens/s: {speedup:.2f}x; wall time: {baseline.wall_seconds / optimised.wall_seconds:.2f}x shorter.")
     print("Gradient checkpointing is off: MiniLM's activations fit; it pays only when memory is the limit.")
     out = Path(args.output)
@@ -262,10 +253,9 @@ def _plot_demo(results: Sequence[Any], path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------- bench
 def _bench(args: argparse.Namespace) -> int:
     import torch
-    from transformers import BertConfig
 
     from lightning_txopt.callbacks import FreezeEmbeddings, GradientCheckpointing
-    from lightning_txopt.data.text import TextDataModule, default_tokenizer_path
+    from lightning_txopt.data.text import TextDataModule
     from lightning_txopt.demo import measure_run
     from lightning_txopt.precision import resolve_precision
 
@@ -274,19 +264,7 @@ def _bench(args: argparse.Namespace) -> int:
     limit = args.limit if args.limit is not None else (4096 if gpu else 256)
     max_length = args.max_length or (512 if gpu else 128)
     max_tokens = args.max_tokens or (16384 if gpu else 4096)
-    if args.tiny:
-        model, config = (
-            None,
-            BertConfig(
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-                max_position_embeddings=512,
-            ),
-        )
-    else:
-        model, config = str(default_tokenizer_path()), None
+    model, config = _model_source(args.tiny)
     precision = resolve_precision("auto", accelerator=device)
     combos: list[tuple[str, dict[str, Any], str, list[Any]]] = [
         ("fixed, fp32", dict(strategy="fixed", batch_size=32), "32-true", []),
@@ -332,7 +310,7 @@ def _bench(args: argparse.Namespace) -> int:
         ]
         for r in results
     ]
-    table = _table(
+    table = markdown_table(
         ["combination", "real tokens/s", "x first row", "padding efficiency", "peak memory MiB", "steps"], rows
     )
     name = torch.cuda.get_device_name() if gpu else "CPU"

@@ -13,6 +13,18 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 VOCAB = 64
+# tiny configs as dicts (TransformerModule(config=...), YAML-style)
+BERT_DICT: dict[str, Any] = {
+    "model_type": "bert",
+    "vocab_size": VOCAB,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 
 
 def make_samples(n: int, *, seed: int = 0, min_len: int = 3, max_len: int = 40, num_labels: int = 3) -> list[dict]:

@@ -9,19 +9,9 @@ import torch.nn.functional as F
 from lightning_txopt.callbacks import AccumulationScheduler
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule, linear_warmup_decay
-from tests.helpers import VOCAB, cpu_trainer, make_samples
+from tests.helpers import BERT_DICT, VOCAB, cpu_trainer, make_samples
 
-BERT = {
-    "model_type": "bert",
-    "vocab_size": VOCAB,
-    "hidden_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 64,
-    "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}
+BERT = BERT_DICT
 GPT2 = {
     "model_type": "gpt2",
     "vocab_size": VOCAB,

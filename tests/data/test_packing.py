@@ -184,18 +184,7 @@ def test_datamodule_packed_fit_with_transformer_module():
         seen.extend(batch["idx"].tolist())  # per-sample keys pass through, one entry per sample
         assert batch["input_ids"].shape[0] <= 2 and batch["input_ids"].shape[1] <= 64
     assert sorted(seen) == list(range(80))
-    module = TransformerModule(
-        config={
-            "model_type": "bert",
-            "vocab_size": VOCAB,
-            "hidden_size": 16,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "max_position_embeddings": 64,
-        },
-        num_labels=3,
-    )
+    module = TransformerModule(config=BERT_DICT, num_labels=3)
     trainer = cpu_trainer(max_epochs=1)
     trainer.fit(module, datamodule=dm)
     assert 0.0 <= float(trainer.callback_metrics["val_acc"]) <= 1.0

@@ -13,7 +13,7 @@ import torch
 from lightning_txopt.callbacks import AccumulationScheduler, FreezeEmbeddings, GradientCheckpointing, ParameterSharing
 from lightning_txopt.data import BucketDataModule
 from tests.callbacks.test_accumulation import SumLossModule, _dm, _windows
-from tests.helpers import ModelModule, PlainTransformer, make_samples, tiny_bert
+from tests.helpers import ModelModule, PlainTransformer, cpu_trainer, make_samples, tiny_bert
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,19 +22,7 @@ pytestmark = [
 
 
 def gpu_trainer(**kwargs):
-    import lightning.pytorch as pl
-
-    defaults = dict(
-        accelerator="cuda",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return cpu_trainer(accelerator="cuda", **kwargs)
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
