@@ -22,7 +22,7 @@ from lightning_txopt.data.packing import (
 from lightning_txopt.data.planning import plan_epoch
 from lightning_txopt.data.report import padding_report
 from lightning_txopt.module import TransformerModule
-from tests.helpers import VOCAB, PlainTransformer, cpu_trainer, make_samples, tiny_bert, tiny_gpt2
+from tests.helpers import BERT_DICT, VOCAB, PlainTransformer, cpu_trainer, make_samples, tiny_bert, tiny_gpt2
 
 FORTUNES = Path(__file__).parent / "fortune_lengths.npy"
 
@@ -49,7 +49,13 @@ def test_packing_plan_properties(lengths, pack, rows, world, seed, epoch):
         per_rank.append(list(sampler))
     assert len({len(b) for b in per_rank}) == 1  # equal counts
     flat = sorted(i for r in per_rank for b in r for i in b)
-    assert flat == list(range(len(lengths)))  # every sample once
+    repeated = (
+        BucketBatchSampler(lengths, max_tokens=pack * rows, pack_length=pack, seed=seed, num_replicas=world, rank=0)
+        .plan(epoch)
+        .repeated.tolist()
+    )
+    assert flat == sorted(list(range(len(lengths))) + repeated)  # every sample once (repeats: see the sampler)
+    assert len(repeated) < world
     for batches in per_rank:
         for b in batches:
             row_of = next_fit_rows(lengths[b], pack)
