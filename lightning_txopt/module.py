@@ -96,6 +96,7 @@ class TransformerModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["config"] if not isinstance(config, dict | None) else None)
         self.task: Task = task
         hf_model: Any = self._build(model, config, task, num_labels, attn_implementation)
+        hf_model.train()  # from_pretrained returns eval mode (dropout off); Lightning does not switch modes for us
         self.model = hf_model
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay

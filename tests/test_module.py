@@ -98,3 +98,12 @@ def test_flops_per_token_formula():
     module = TransformerModule(config=BERT, num_labels=3)
     params = module.model.num_parameters(exclude_embeddings=True)
     assert module.flops_per_token(seq_len=10) == 6 * params + 12 * 2 * 16 * 10
+
+
+def test_pretrained_folder_loads_in_train_mode(tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(**BERT, num_labels=3)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    module = TransformerModule(str(tmp_path), num_labels=3)
+    assert all(m.training for m in module.model.modules())  # dropout active when fine-tuning
