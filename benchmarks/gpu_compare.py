@@ -283,6 +283,7 @@ def lightning_row(
     callbacks: list[Any] | None = None,
     strategy: str = "bucket",
     max_length: int | None = None,
+    pin_memory: bool = True,
 ) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     window = _Window(args.warmup, args.steps, cuda)
@@ -293,6 +294,7 @@ def lightning_row(
         max_tokens=args.max_tokens,  # type: ignore[arg-type]
         max_length=max_length,
         seed=0,
+        pin_memory=pin_memory,
     )
     counter = _CountingCollator(dm.collator)
     dm.collator = counter  # type: ignore[assignment]
@@ -420,6 +422,10 @@ def main() -> None:
         (
             f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed",
             lambda: lightning_row(f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed", samples, args),
+        ),
+        (
+            "lightning_txopt: same, pin_memory=False",
+            lambda: lightning_row("lightning_txopt: same, pin_memory=False", samples, args, pin_memory=False),
         ),
         (
             "lightning_txopt: + FreezeEmbeddings",
