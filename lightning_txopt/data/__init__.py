@@ -5,6 +5,7 @@ from lightning_txopt.data.corpus import load_fortunes
 from lightning_txopt.data.datamodule import BucketDataModule
 from lightning_txopt.data.fortunes import FortunesDataModule
 from lightning_txopt.data.lengths import compute_lengths
+from lightning_txopt.data.packing import PackingCollator
 from lightning_txopt.data.planning import EpochPlan, plan_epoch
 from lightning_txopt.data.report import PaddingRow, padding_report
 from lightning_txopt.data.sampler import BucketBatchSampler
@@ -15,6 +16,7 @@ __all__ = [
     "BucketDataModule",
     "EpochPlan",
     "FortunesDataModule",
+    "PackingCollator",
     "PaddingCollator",
     "PaddingRow",
     "TextDataModule",

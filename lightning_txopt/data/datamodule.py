@@ -39,10 +39,10 @@ class BucketDataModule(pl.LightningDataModule):
       pads each batch to its longest sample;
     * ``"dynamic"``: random batches, each padded to its longest sample;
     * ``"fixed"``: random batches padded to ``max_length`` (the baseline of most tutorials);
-    * ``"packed"``: padding-free packing: samples concatenated into rows of ``max_length`` tokens (best-fit
-      decreasing), ``max_tokens // max_length`` rows per batch, kept apart by restarted ``position_ids`` and
-      block-diagonal masks (:class:`~lightning_txopt.data.packing.PackingCollator`). Needs ``max_tokens`` and
-      ``max_length``; ``causal=True`` for decoders.
+    * ``"packed"``: padding-free packing: samples concatenated (best-fit decreasing) into one row of up to
+      ``max_tokens`` tokens per batch or, with ``max_length``, into rows of ``max_length`` tokens,
+      ``max_tokens // max_length`` rows per batch; kept apart by restarted ``position_ids`` and block-diagonal masks
+      (:class:`~lightning_txopt.data.packing.PackingCollator`). Needs ``max_tokens``; ``causal=True`` for decoders.
 
     Under ``Trainer(strategy="ddp")`` every loader deals its own batches to the ranks (equal counts, no duplicated
     samples), so Lightning's ``DistributedSampler`` injection is switched off for this trainer in :meth:`setup`.
@@ -128,10 +128,10 @@ class BucketDataModule(pl.LightningDataModule):
             )
         if strategy == "fixed" and max_length is None:
             raise ValueError("strategy='fixed' pads every batch to `max_length`: set max_length (e.g. 512).")
-        if strategy == "packed" and (max_tokens is None or max_length is None):
+        if strategy == "packed" and max_tokens is None:
             raise ValueError(
-                "strategy='packed' fills rows of `max_length` tokens, `max_tokens // max_length` rows per batch: "
-                f"set both (got max_tokens={max_tokens!r}, max_length={max_length!r})."
+                "strategy='packed' fills batches of up to `max_tokens` tokens (one row, or rows of `max_length` "
+                f"tokens when max_length is set): set max_tokens (got max_tokens={max_tokens!r})."
             )
         if max_tokens is not None and max_length is not None and max_length > max_tokens and oversize == "error":
             raise ValueError(
@@ -180,11 +180,12 @@ class BucketDataModule(pl.LightningDataModule):
         self.padding_side: Literal["right", "left"] = padding_side
         self.label_pad_token_id = label_pad_token_id
         self.causal = causal
+        # packed: rows of max_length tokens (max_tokens // max_length per batch), or one row of max_tokens
+        self.pack_length = (max_length or max_tokens) if strategy == "packed" else None
         self.collator: PaddingCollator | PackingCollator
         if strategy == "packed":
-            assert max_length is not None
             self.collator = PackingCollator(
-                max_length,
+                self.pack_length,
                 pad_token_id=self.pad_token_id,
                 causal=causal,
                 label_pad_token_id=label_pad_token_id,
@@ -282,7 +283,9 @@ class BucketDataModule(pl.LightningDataModule):
             group_by_length=self.strategy == "bucket",
             pool_size=self.pool_size,
             oversize=self.oversize,
-            pack_length=self.max_length if self.strategy == "packed" else None,
+            pack_length=None
+            if self.strategy != "packed"
+            else (self.pack_length if train else (self.max_length or self.eval_max_tokens)),
         )
 
     def _loader(self, split: str, sampler: BucketBatchSampler) -> DataLoader:
@@ -339,7 +342,7 @@ class BucketDataModule(pl.LightningDataModule):
             max_length=self.max_length,
             pad_to_multiple_of=self.pad_to_multiple_of,
             seed=self.seed,
-            pack_length=self.max_length if self.max_tokens is not None else None,
+            pack_length=self.pack_length,
         )
 
     # ------------------------------------------------------------------ state

@@ -110,6 +110,7 @@ class PackingCollator:
 
     Args:
         pack_length: Row capacity in tokens (the planner's ``pack_length``); a longer sample gets a row of its own.
+            ``None`` puts the whole batch in one row.
         pad_token_id: Fills the end of rows shorter than the longest row of the batch.
         causal: Causal (decoder) masks, and each sample's first token label ignored (no cross-sample prediction).
         label_pad_token_id: Ignored label value.
@@ -119,7 +120,7 @@ class PackingCollator:
         ValueError: On invalid arguments, a sample without tokens, or label formats that cannot be packed.
 
     Example:
-        >>> collate = PackingCollator(pack_length=8)
+        >>> collate = PackingCollator()  # one row per batch
         >>> batch = collate([{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8, 9], "labels": 0}])
         >>> batch["input_ids"].tolist(), batch["position_ids"].tolist(), batch["labels"].tolist()
         ([[5, 6, 7, 8, 9]], [[0, 1, 2, 0, 1]], [1, 0])
@@ -129,15 +130,17 @@ class PackingCollator:
 
     def __init__(
         self,
-        pack_length: int,
+        pack_length: int | None = None,
         *,
         pad_token_id: int = 0,
         causal: bool = False,
         label_pad_token_id: int = -100,
         input_key: str = "input_ids",
     ) -> None:
-        if isinstance(pack_length, bool) or not isinstance(pack_length, int) or pack_length < 1:
-            raise ValueError(f"`pack_length` must be a positive integer, got {pack_length!r}.")
+        if pack_length is not None and (
+            isinstance(pack_length, bool) or not isinstance(pack_length, int) or pack_length < 1
+        ):
+            raise ValueError(f"`pack_length` must be a positive integer or None, got {pack_length!r}.")
         self.pack_length = pack_length
         self.pad_token_id = pad_token_id
         self.causal = causal
@@ -153,7 +156,8 @@ class PackingCollator:
         lens = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
         if (lens == 0).any():
             raise ValueError(f"Sample {int(np.argmin(lens))} has no tokens; remove empty samples before packing.")
-        row_of = np.asarray(next_fit_rows(lens, self.pack_length))
+        capacity = self.pack_length if self.pack_length is not None else int(lens.sum())
+        row_of = np.asarray(next_fit_rows(lens, capacity))
         n_rows = int(row_of[-1]) + 1
         starts = np.zeros(len(ids), dtype=np.int64)
         row_len = np.zeros(n_rows, dtype=np.int64)

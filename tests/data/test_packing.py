@@ -199,8 +199,21 @@ def test_datamodule_packed_fit_with_transformer_module():
     assert lengths.sum() == report["packed"].real_tokens
 
 
+def test_packed_with_only_a_budget_is_one_row_per_batch():
+    dm = BucketDataModule(make_samples(50, seed=4), pad_token_id=0, strategy="packed", max_tokens=128)
+    dm.setup("fit")
+    lengths = dm.lengths("train")
+    total = 0
+    for batch in dm.train_dataloader():
+        assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= 128  # one row, no padding
+        assert batch["input_ids"].shape[1] == int(batch["cu_seq_lens"][-1])
+        total += int(batch["cu_seq_lens"][-1])
+    assert total == lengths.sum()
+    assert PackingCollator()([{"input_ids": [1, 2]}, {"input_ids": [3]}])["input_ids"].tolist() == [[1, 2, 3]]
+
+
 def test_packed_needs_budget_and_row_length():
     with pytest.raises(ValueError, match="strategy='packed'"):
-        BucketDataModule([], pad_token_id=0, strategy="packed", max_tokens=128)
+        BucketDataModule([], pad_token_id=0, strategy="packed", batch_size=4)
     with pytest.raises(ValueError, match="max_tokens"):
         plan_epoch(np.array([3, 4]), batch_size=2, pack_length=8)
