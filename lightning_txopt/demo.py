@@ -128,7 +128,7 @@ def measure_run(
         enable_model_summary=False,
         enable_progress_bar=enable_progress_bar,
         num_sanity_val_steps=0,
-        limit_val_batches=1.0 if validate else 0,
+        limit_val_batches=None if validate else 0,
     )
     device = trainer.strategy.root_device
     if device.type == "cuda":
