@@ -255,3 +255,13 @@ def test_two_ranks_step_is_the_global_window_gradient(tmp_path, normalize):
             ref = _reference_grad(before, micro, "tokens")
         for name, g in ref.items():
             torch.testing.assert_close(before[name] - after[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_manual_optimisation_is_a_clear_error():
+    class Manual(SumLossModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="automatic optimisation"):
+        cpu_trainer(max_epochs=1, callbacks=[AccumulationScheduler({0: 2})]).fit(Manual(), datamodule=_dm())
