@@ -366,89 +366,32 @@ def main() -> None:
     samples = corpus_samples(512 if args.quick else None)
     cuda = torch.cuda.is_available()
     T = args.max_tokens
-    rows_to_run: list[tuple[str, Any]] = [
-        (
-            "HF Trainer: fixed padding 512, fp32, batch 32",
-            lambda: hf_trainer_row(
-                "HF Trainer: fixed padding 512, fp32, batch 32", samples, args, fixed=True, bf16=False
-            ),
-        ),
-        (
-            "HF Trainer: dynamic padding, bf16, batch 32",
-            lambda: hf_trainer_row(
-                "HF Trainer: dynamic padding, bf16, batch 32", samples, args, fixed=False, bf16=True
-            ),
-        ),
-        (
-            "HF Trainer: group_by_length, bf16, multiple of 8, batch 32",
-            lambda: hf_trainer_row(
-                "HF Trainer: group_by_length, bf16, multiple of 8, batch 32",
-                samples,
-                args,
-                fixed=False,
-                bf16=True,
-                group_by_length=True,
-                multiple_of=8,
-            ),
-        ),
-        (
-            "HF Trainer: group_by_length + gradient checkpointing",
-            lambda: hf_trainer_row(
-                "HF Trainer: group_by_length + gradient checkpointing",
-                samples,
-                args,
-                fixed=False,
-                bf16=True,
-                group_by_length=True,
-                multiple_of=8,
-                checkpointing=True,
-            ),
-        ),
-        (
-            f"plain PyTorch loop: our token-budget batches ({T}), bf16, AdamW fused",
-            lambda: plain_loop_row(
-                f"plain PyTorch loop: our token-budget batches ({T}), bf16, AdamW fused", samples, args
-            ),
-        ),
+    hf = dict(fixed=False, bf16=True)
+    grouped = dict(hf, group_by_length=True, multiple_of=8)
+    # (row name, row function, its keyword arguments): each row is named once
+    rows_to_run: list[tuple[str, Any, dict[str, Any]]] = [
+        ("HF Trainer: fixed padding 512, fp32, batch 32", hf_trainer_row, dict(fixed=True, bf16=False)),
+        ("HF Trainer: dynamic padding, bf16, batch 32", hf_trainer_row, hf),
+        ("HF Trainer: group_by_length, bf16, multiple of 8, batch 32", hf_trainer_row, grouped),
+        ("HF Trainer: group_by_length + gradient checkpointing", hf_trainer_row, dict(grouped, checkpointing=True)),
+        (f"plain PyTorch loop: our token-budget batches ({T}), bf16, AdamW fused", plain_loop_row, {}),
         (
             "plain PyTorch loop, same batches, labels passed to the model (its own loss)",
-            lambda: plain_loop_row(
-                "plain PyTorch loop, same batches, labels passed to the model (its own loss)",
-                samples,
-                args,
-                hf_loss=True,
-            ),
+            plain_loop_row,
+            dict(hf_loss=True),
         ),
-        (
-            f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed",
-            lambda: lightning_row(f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed", samples, args),
-        ),
-        (
-            "lightning_txopt: same, pin_memory=False",
-            lambda: lightning_row("lightning_txopt: same, pin_memory=False", samples, args, pin_memory=False),
-        ),
-        (
-            "lightning_txopt: + FreezeEmbeddings",
-            lambda: lightning_row("lightning_txopt: + FreezeEmbeddings", samples, args, callbacks=[FreezeEmbeddings()]),
-        ),
+        (f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed", lightning_row, {}),
+        ("lightning_txopt: same, pin_memory=False", lightning_row, dict(pin_memory=False)),
+        ("lightning_txopt: + FreezeEmbeddings", lightning_row, dict(callbacks=[FreezeEmbeddings()])),
         (
             "lightning_txopt: + FreezeEmbeddings + GradientCheckpointing",
-            lambda: lightning_row(
-                "lightning_txopt: + FreezeEmbeddings + GradientCheckpointing",
-                samples,
-                args,
-                callbacks=[FreezeEmbeddings(), GradientCheckpointing()],
-            ),
+            lightning_row,
+            dict(callbacks=[FreezeEmbeddings(), GradientCheckpointing()]),
         ),
         (
             f"lightning_txopt: packed rows of 512, max_tokens={T}, bf16-mixed",
-            lambda: lightning_row(
-                f"lightning_txopt: packed rows of 512, max_tokens={T}, bf16-mixed",
-                samples,
-                args,
-                strategy="packed",
-                max_length=512,
-            ),
+            lightning_row,
+            dict(strategy="packed", max_length=512),
         ),
     ]
     rebalance = _sampling_kwargs("batch_rebalance")
@@ -457,25 +400,17 @@ def main() -> None:
             4,
             (
                 "HF Trainer: batch_rebalance, bf16, multiple of 8, batch 32",
-                lambda: hf_trainer_row(
-                    "HF Trainer: batch_rebalance, bf16, multiple of 8, batch 32",
-                    samples,
-                    args,
-                    fixed=False,
-                    bf16=True,
-                    group_by_length=True,
-                    multiple_of=8,
-                    extra_args=rebalance,
-                ),
+                hf_trainer_row,
+                dict(grouped, extra_args=rebalance),
             ),
         )
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     warm_up(samples, args)
     rows = []
-    for name, fn in rows_to_run:
+    for name, fn, kwargs in rows_to_run:
         if only and not any(name.startswith(p) for p in only):
             continue
-        rows.append(fn())
+        rows.append(fn(name, samples, args, **kwargs))
         print(f"done: {name}: {rows[-1]['real_tokens_per_s']:,.0f} real tokens/s", flush=True)
     ref = next((r for r in rows if r["row"].startswith("HF Trainer: group_by_length, bf16")), rows[0])
     loop = next((r for r in rows if r["row"].startswith("plain PyTorch")), rows[0])

@@ -28,8 +28,8 @@ def _stats(args: argparse.Namespace) -> int:
     from lightning_txopt.data.report import padding_report
     from lightning_txopt.data.text import load_tokenizer, read_records
 
-    if (args.batch_size is None) == (args.max_tokens is None):
-        args.batch_size = args.batch_size or (None if args.max_tokens else 32)
+    if args.batch_size is None and args.max_tokens is None:  # the two are mutually exclusive options
+        args.batch_size = 32
     records: list[dict[str, Any]] = [dict(r) for r in load_fortunes()] if args.data is None else read_records(args.data)
     if not records:
         raise ValueError(f"{args.data} holds no records.")

@@ -11,7 +11,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 
 from lightning_txopt.callbacks.throughput import TokenThroughputMonitor
 from lightning_txopt.data.text import TextDataModule
@@ -54,38 +53,6 @@ class RunResult:
         return out
 
 
-class _TrainClock(Callback):
-    """Seconds spent in training epochs (validation excluded), synchronised with the device."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._start = 0.0
-
-    def _now(self, trainer: pl.Trainer) -> float:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
-        return time.perf_counter()
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = self._now(trainer)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training or trainer.state.stage == "sanity_check":
-            return
-        self.seconds += self._now(trainer) - self._start
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = self._now(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds += self._now(trainer) - self._start
-        self._start = self._now(trainer)
-
-
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -115,14 +82,13 @@ def measure_run(
         model, config=config, num_labels=max(datamodule.num_labels, 2), learning_rate=learning_rate
     )
     monitor = TokenThroughputMonitor(log_every_n_steps=10**9)
-    clock = _TrainClock()
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
         precision=precision,  # type: ignore[arg-type]
         max_epochs=max_epochs,
         max_steps=max_steps,
-        callbacks=[*(callbacks or []), monitor, clock],
+        callbacks=[*(callbacks or []), monitor],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -141,7 +107,7 @@ def measure_run(
         name=name,
         real_tokens=monitor.totals["real_tokens"],
         processed_tokens=monitor.totals["processed_tokens"],
-        train_seconds=clock.seconds,
+        train_seconds=monitor.train_seconds,  # training batches only: validation and set-up excluded
         wall_seconds=wall,
         peak_memory_mib=_peak_memory_mib(device),
         val_accuracy=metrics.get("val_acc", float("nan")),

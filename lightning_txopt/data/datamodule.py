@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
@@ -288,14 +289,15 @@ class BucketDataModule(pl.LightningDataModule):
             else (self.pack_length if train else (self.max_length or self.eval_max_tokens)),
         )
 
-    def _loader(self, split: str, sampler: BucketBatchSampler) -> DataLoader:
-        return DataLoader(
+    def _loader(self, split: str, sampler: BucketBatchSampler, cls: type[DataLoader] = DataLoader, **extra: Any) -> Any:
+        return cls(
             self.datasets[split],
             batch_sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory and _cuda_available(),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
+            **extra,
         )
 
     @override
@@ -310,15 +312,7 @@ class BucketDataModule(pl.LightningDataModule):
             sampler.load_state_dict(self._resume_state)
             self._resume_state = None
         self._train_sampler = sampler
-        return _ResumableDataLoader(
-            self.datasets["train"],
-            batch_sampler=sampler,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and _cuda_available(),
-            persistent_workers=self.persistent_workers,
-            datamodule=self,
-        )
+        return self._loader("train", sampler, _ResumableDataLoader, datamodule=self)
 
     @override
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -387,9 +381,3 @@ class _ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._datamodule.load_state_dict(state_dict)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
