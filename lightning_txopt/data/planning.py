@@ -165,11 +165,14 @@ def _budget_offsets(sorted_lengths: np.ndarray, seg_starts: np.ndarray, max_toke
     return np.asarray(out, dtype=np.int64)
 
 
-def _batch_cost(lengths: np.ndarray, order: np.ndarray, offsets: np.ndarray, *, packed: bool) -> np.ndarray:
-    """Work of each batch: padded tokens, or (packed) real tokens."""
-    if packed:
-        return np.add.reduceat(lengths[order], offsets[:-1])
-    return np.diff(offsets) * np.maximum.reduceat(lengths[order], offsets[:-1])
+def _batch_cost(
+    lengths: np.ndarray, order: np.ndarray, offsets: np.ndarray, *, packed: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(work, longest sample)`` of each batch; work is padded tokens, or (packed) real tokens."""
+    sorted_lengths = lengths[order]
+    maxlen = np.maximum.reduceat(sorted_lengths, offsets[:-1])
+    work = np.add.reduceat(sorted_lengths, offsets[:-1]) if packed else np.diff(offsets) * maxlen
+    return work, maxlen
 
 
 def _split_largest(offsets: np.ndarray, count: int) -> tuple[np.ndarray, int]:
@@ -342,7 +345,7 @@ def plan_epoch(
     remainder = num_batches % num_replicas
     if remainder:
         if drop_last:
-            cost = _batch_cost(lengths, order, offsets, packed=bool(rows_per_batch))
+            cost, _ = _batch_cost(lengths, order, offsets, packed=bool(rows_per_batch))
             drop = np.sort(np.argsort(cost, kind="stable")[:remainder])
             keep = np.setdiff1d(np.arange(num_batches), drop)
             skipped = np.concatenate([skipped] + [order[offsets[b] : offsets[b + 1]] for b in drop])
@@ -371,8 +374,8 @@ def plan_epoch(
     rng = _rng(seed, epoch, 1)
     batch_ids = np.arange(num_batches, dtype=np.int64)
     if num_replicas > 1:
-        maxlen = np.maximum.reduceat(lengths[order], offsets[:-1])
-        batch_ids = np.lexsort((maxlen, _batch_cost(lengths, order, offsets, packed=bool(rows_per_batch))))
+        cost, maxlen = _batch_cost(lengths, order, offsets, packed=bool(rows_per_batch))
+        batch_ids = np.lexsort((maxlen, cost))
     schedule = batch_ids.reshape(-1, num_replicas)
     if shuffle:
         schedule = schedule[rng.permutation(schedule.shape[0])]
