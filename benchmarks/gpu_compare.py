@@ -12,8 +12,10 @@ samples/s, padding efficiency and peak memory. The token ids are random with eac
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -96,6 +98,7 @@ class _Window:
 
 
 def _reset_memory(cuda: bool) -> None:
+    gc.collect()  # the previous row's model, optimizer and Trainer must not survive into this row's measurement
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -180,15 +183,42 @@ def hf_trainer_row(
 
 
 # ------------------------------------------------------------------------------------------ plain PyTorch loop
+class _TrainerGroupedBatches:
+    """The HF Trainer's length-grouped batches of 32 (its own ``LengthGroupedSampler``), one epoch per pass."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int = 32) -> None:
+        self.lengths, self.batch_size, self.epoch = lengths.tolist(), batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        g = torch.Generator().manual_seed(self.epoch)
+        order = list(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))
+        return iter([order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)])
+
+
 def plain_loop_row(
-    name: str, samples: list[dict], args: argparse.Namespace, *, hf_loss: bool = False
+    name: str,
+    samples: list[dict],
+    args: argparse.Namespace,
+    *,
+    hf_loss: bool = False,
+    trainer_batches: bool = False,
 ) -> dict[str, Any]:
+    """``trainer_batches``: iterate the HF Trainer's length-grouped batches of 32 (multiple of 8) instead of ours."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     window = _Window(args.warmup, args.steps, cuda)
     lengths = np.array([len(s["input_ids"]) for s in samples])
-    sampler = BucketBatchSampler(lengths, max_tokens=args.max_tokens, seed=0)
-    collate = PaddingCollator(0)
+    sampler: Any = (
+        _TrainerGroupedBatches(lengths)
+        if trainer_batches
+        else BucketBatchSampler(lengths, max_tokens=args.max_tokens, seed=0)
+    )
+    collate = PaddingCollator(0, pad_to_multiple_of=8 if trainer_batches else None)
     torch.manual_seed(0)
     model = (
         AutoModelForSequenceClassification.from_config(bert_config(args), attn_implementation="sdpa").to(device).train()
@@ -215,6 +245,7 @@ def plain_loop_row(
             step += 1
         sampler.set_epoch(sampler.epoch + 1)
     window.end()
+    del model, opt
     return window.row(name, _peak(cuda))
 
 
@@ -275,6 +306,22 @@ class _LightningWindow(pl.Callback):
         self.window.end()
 
 
+class _DynamicBatchDim(pl.Callback):
+    """Marks the batch dimension dynamic for ``torch.compile``: with a ladder of widths the only static shape left is
+    the sequence length, so each rung compiles once whatever its row count."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def lightning_row(
     name: str,
     samples: list[dict],
@@ -284,15 +331,25 @@ def lightning_row(
     strategy: str = "bucket",
     max_length: int | None = None,
     pin_memory: bool = True,
+    max_tokens: int | None = None,
+    pad_to_lengths: list[int] | None = None,
+    compile: str | None = None,
+    warmup: int | None = None,
 ) -> dict[str, Any]:
+    """One Lightning run. ``compile``: ``None`` (eager), ``"default"`` (``model.compile()``: dynamo specialises on the
+    first shape, then recompiles with dynamic shapes) or ``"ladder"`` (static widths from ``pad_to_lengths``, dynamic
+    batch dimension). ``warmup`` overrides ``--warmup`` (compiled rows warm up over a whole epoch of shapes)."""
     cuda = torch.cuda.is_available()
-    window = _Window(args.warmup, args.steps, cuda)
+    warm = args.warmup if warmup is None else warmup
+    window = _Window(warm, args.steps, cuda)
+    budget = max_tokens or args.max_tokens
     dm = BucketDataModule(
         samples,
         pad_token_id=0,
         strategy=strategy,
-        max_tokens=args.max_tokens,  # type: ignore[arg-type]
+        max_tokens=budget,  # type: ignore[arg-type]
         max_length=max_length,
+        pad_to_lengths=pad_to_lengths,
         seed=0,
         pin_memory=pin_memory,
     )
@@ -300,12 +357,19 @@ def lightning_row(
     dm.collator = counter  # type: ignore[assignment]
     torch.manual_seed(0)
     module = TransformerModule(config=bert_config(args), num_labels=40)
+    extra: list[Any] = []
+    if compile is not None:
+        torch._dynamo.reset()
+        module.model.compile()  # in place: parameter names and checkpoints unchanged
+        if compile == "ladder":
+            extra.append(_DynamicBatchDim())
+    graphs0 = _compiled_graphs()
     trainer = pl.Trainer(
         accelerator="cuda" if cuda else "cpu",
         devices=1,
         precision="bf16-mixed" if cuda else "32-true",
-        max_steps=args.warmup + args.steps,
-        callbacks=[*(callbacks or []), _LightningWindow(window, counter)],
+        max_steps=warm + args.steps,
+        callbacks=[*(callbacks or []), *extra, _LightningWindow(window, counter)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -313,8 +377,49 @@ def lightning_row(
         num_sanity_val_steps=0,
     )
     _reset_memory(cuda)
+    start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    return window.row(name, _peak(cuda))
+    info: dict[str, Any] = {"max_tokens": budget}
+    if compile is not None:
+        info.update(graphs=_compiled_graphs() - graphs0, warmup_seconds=window.t0 - start, warmup_steps=warm)
+    result = window.row(name, _peak(cuda), info)
+    del trainer, module, dm
+    return result
+
+
+def probe_peak_gib(samples: list[dict], args: argparse.Namespace, max_tokens: int) -> float:
+    """Peak memory of TransformerModule training steps (bf16 autocast, fused AdamW, gradients freed after each step as
+    TransformerModule does) on the largest batches of a ``max_tokens`` plan: most padded tokens, and longest rows."""
+    device = torch.device("cuda")
+    lengths = np.array([len(s["input_ids"]) for s in samples])
+    plan = [list(b) for b in BucketBatchSampler(lengths, max_tokens=max_tokens, seed=0)]
+    cost = [len(b) * int(lengths[b].max()) for b in plan]
+    order = [*np.argsort(cost)[::-1][:3].tolist(), int(np.argmax([lengths[b].max() for b in plan]))]
+    torch.manual_seed(0)
+    module = TransformerModule(config=bert_config(args), num_labels=40).to(device)
+    opt = torch.optim.AdamW(module.optimizer_groups(), lr=1e-6, fused=True)
+    collate = PaddingCollator(0)
+    _reset_memory(True)
+    for i in order:
+        batch = {k: v.to(device) for k, v in collate([samples[j] for j in plan[i]]).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.loss_and_items(batch, "mean")[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = _peak(True)
+    del module, opt
+    _reset_memory(True)
+    return peak
+
+
+def budget_for_peak(samples: list[dict], args: argparse.Namespace, target_gib: float) -> tuple[int, list[Any]]:
+    """The token budget whose peak memory is ``target_gib``: a line through two probes, then a check probe."""
+    lo, hi = args.max_tokens // 2, args.max_tokens
+    p_lo, p_hi = probe_peak_gib(samples, args, lo), probe_peak_gib(samples, args, hi)
+    budget = int(lo + (target_gib - p_lo) * (hi - lo) / (p_hi - p_lo)) // 64 * 64
+    budget = max(budget, 512)
+    return budget, [(lo, p_lo), (hi, p_hi), (budget, probe_peak_gib(samples, args, budget))]
 
 
 def chart(result: dict[str, Any], path: str) -> None:
@@ -346,41 +451,58 @@ def chart(result: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per row")
-    parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=16384)
-    parser.add_argument("--quick", action="store_true", help="tiny model, 512 texts: a smoke run on CPU")
-    parser.add_argument("--only", default="", help="comma-separated row prefixes to run (default: all)")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--chart", default=None, help="write a PNG chart of real tokens/s and peak memory here")
-    parser.add_argument("--chart-from", default=None, help="only draw --chart from an earlier --json file")
-    args = parser.parse_args()
-    if args.chart_from:
-        chart(json.loads(Path(args.chart_from).read_text()), args.chart)
-        return
-    if args.quick:
-        args.steps, args.warmup, args.max_tokens = min(args.steps, 3), min(args.warmup, 1), min(args.max_tokens, 2048)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    samples = corpus_samples(512 if args.quick else None)
-    cuda = torch.cuda.is_available()
+LADDER = [32, 64, 128, 256, 512]
+PLAIN = "plain PyTorch loop: our token-budget batches"
+LIGHTNING = "lightning_txopt: BucketDataModule max_tokens="
+GROUPED = "HF Trainer: group_by_length, bf16"
+
+
+def matched_memory_row(name: str, samples: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """Lightning row with a token budget sized to the peak memory of the HF length-grouped row (run before it)."""
+    if not torch.cuda.is_available() or args.match_gib is None:
+        row = lightning_row(name, samples, args)
+        row["calibration"] = "none: no CUDA device or no reference peak"
+        return row
+    budget, probes = budget_for_peak(samples, args, args.match_gib)
+    row = lightning_row(f"{name} = {budget}", samples, args, max_tokens=budget)
+    row["calibration"] = {"target_gib": args.match_gib, "probes_max_tokens_gib": probes}
+    return row
+
+
+def build_rows(args: argparse.Namespace, samples: list[dict]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(row name, row function, its keyword arguments): each row is named once."""
     T = args.max_tokens
     hf = dict(fixed=False, bf16=True)
     grouped = dict(hf, group_by_length=True, multiple_of=8)
-    # (row name, row function, its keyword arguments): each row is named once
-    rows_to_run: list[tuple[str, Any, dict[str, Any]]] = [
+    rows: list[tuple[str, Any, dict[str, Any]]] = [
         ("HF Trainer: fixed padding 512, fp32, batch 32", hf_trainer_row, dict(fixed=True, bf16=False)),
         ("HF Trainer: dynamic padding, bf16, batch 32", hf_trainer_row, hf),
-        ("HF Trainer: group_by_length, bf16, multiple of 8, batch 32", hf_trainer_row, grouped),
+        (f"{GROUPED}, multiple of 8, batch 32", hf_trainer_row, grouped),
         ("HF Trainer: group_by_length + gradient checkpointing", hf_trainer_row, dict(grouped, checkpointing=True)),
-        (f"plain PyTorch loop: our token-budget batches ({T}), bf16, AdamW fused", plain_loop_row, {}),
+    ]
+    rebalance = _sampling_kwargs("batch_rebalance")
+    if rebalance:  # only recent transformers releases have it
+        rows.append(
+            (
+                "HF Trainer: batch_rebalance, bf16, multiple of 8, batch 32",
+                hf_trainer_row,
+                dict(grouped, extra_args=rebalance),
+            )
+        )
+    rows += [
+        (
+            "plain PyTorch loop over the HF Trainer's length-grouped batches of 32 (multiple of 8), bf16, AdamW fused",
+            plain_loop_row,
+            dict(hf_loss=True, trainer_batches=True),
+        ),
+        (f"{PLAIN} ({T}), bf16, AdamW fused", plain_loop_row, {}),
         (
             "plain PyTorch loop, same batches, labels passed to the model (its own loss)",
             plain_loop_row,
             dict(hf_loss=True),
         ),
-        (f"lightning_txopt: BucketDataModule max_tokens={T}, bf16-mixed", lightning_row, {}),
+        (f"{LIGHTNING}{T}, bf16-mixed", lightning_row, {}),
+        ("lightning_txopt: max_tokens sized to the HF length-grouped row's peak memory", matched_memory_row, {}),
         ("lightning_txopt: same, pin_memory=False", lightning_row, dict(pin_memory=False)),
         ("lightning_txopt: + FreezeEmbeddings", lightning_row, dict(callbacks=[FreezeEmbeddings()])),
         (
@@ -394,26 +516,78 @@ def main() -> None:
             dict(strategy="packed", max_length=512),
         ),
     ]
-    rebalance = _sampling_kwargs("batch_rebalance")
-    if rebalance:  # only recent transformers releases have it
-        rows_to_run.insert(
-            4,
+    if args.compile:
+        warm = args.compile_warmup
+        rows += [
+            (f"lightning_txopt: pad_to_lengths={LADDER}, eager", lightning_row, dict(pad_to_lengths=LADDER)),
+            ("lightning_txopt: torch.compile, no ladder", lightning_row, dict(compile="default", warmup=warm)),
             (
-                "HF Trainer: batch_rebalance, bf16, multiple of 8, batch 32",
-                hf_trainer_row,
-                dict(grouped, extra_args=rebalance),
+                f"lightning_txopt: torch.compile + pad_to_lengths={LADDER}",
+                lightning_row,
+                dict(compile="ladder", pad_to_lengths=LADDER, warmup=warm),
             ),
-        )
+        ]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run the plain-loop and main Lightning rows this many times, alternating"
+    )
+    parser.add_argument(
+        "--match-gib", type=float, default=None, help="peak memory to size a budget to (default: HF row)"
+    )
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile rows (minutes of compilation)")
+    parser.add_argument("--compile-warmup", type=int, default=50, help="untimed steps of compiled rows (> one epoch)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 512 texts: a smoke run on CPU")
+    parser.add_argument("--only", default="", help="comma-separated row prefixes to run (default: all)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--chart", default=None, help="write a PNG chart of real tokens/s and peak memory here")
+    parser.add_argument("--chart-from", default=None, help="only draw --chart from an earlier --json file")
+    args = parser.parse_args()
+    if args.chart_from:
+        chart(json.loads(Path(args.chart_from).read_text()), args.chart)
+        return
+    if args.quick:
+        args.steps, args.warmup, args.max_tokens = min(args.steps, 3), min(args.warmup, 1), min(args.max_tokens, 2048)
+        args.compile_warmup = min(args.compile_warmup, 2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    samples = corpus_samples(512 if args.quick else None)
+    cuda = torch.cuda.is_available()
     only = [p.strip() for p in args.only.split(",") if p.strip()]
+    todo = [r for r in build_rows(args, samples) if not only or any(r[0].startswith(p) for p in only)]
     warm_up(samples, args)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    order: list[str] = []
+
+    def run(name: str, fn: Any, kwargs: dict[str, Any]) -> None:
+        row = fn(name, samples, args, **kwargs)
+        if name not in runs:
+            order.append(name)
+        runs.setdefault(name, []).append(row)
+        if name.startswith(GROUPED) and args.match_gib is None and cuda:
+            args.match_gib = row["peak_memory_gib"]
+        print(f"done: {row['row']}: {row['real_tokens_per_s']:,.0f} real tokens/s", flush=True)
+
+    for name, fn, kwargs in todo:
+        run(name, fn, kwargs)
+    pair = [r for r in todo if r[0].startswith((PLAIN, LIGHTNING))]
+    for _ in range(args.repeats - 1):  # alternate plain loop and Lightning: drifts hit both alike
+        for name, fn, kwargs in pair:
+            run(name, fn, kwargs)
     rows = []
-    for name, fn, kwargs in rows_to_run:
-        if only and not any(name.startswith(p) for p in only):
-            continue
-        rows.append(fn(name, samples, args, **kwargs))
-        print(f"done: {name}: {rows[-1]['real_tokens_per_s']:,.0f} real tokens/s", flush=True)
-    ref = next((r for r in rows if r["row"].startswith("HF Trainer: group_by_length, bf16")), rows[0])
-    loop = next((r for r in rows if r["row"].startswith("plain PyTorch")), rows[0])
+    for name in order:  # each row: the run with the median throughput, every run's figure kept
+        ranked = sorted(runs[name], key=lambda r: r["real_tokens_per_s"])
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        if len(ranked) > 1:
+            row["runs_real_tokens_per_s"] = [r["real_tokens_per_s"] for r in runs[name]]
+        rows.append(row)
+    ref = next((r for r in rows if r["row"].startswith(GROUPED)), rows[0])
+    loop = next((r for r in rows if r["row"].startswith(PLAIN)), rows[0])
     table = [
         [
             r["row"],
@@ -430,9 +604,10 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else "CPU"
     header = (
         f"{device}, BERT-base shape{' (quick: tiny)' if args.quick else ''}, {args.steps} timed optimizer steps "
-        f"per row after {args.warmup} warm-up steps"
+        f"per row after {args.warmup} warm-up steps (every model: attn_implementation='sdpa')"
     )
-    header += " (every model: attn_implementation='sdpa')"
+    if args.repeats > 1:
+        header += f"; plain loop and Lightning rows: median of {args.repeats} alternating runs"
     print(f"\n{header}\n")
     print(
         markdown_table(
@@ -449,9 +624,25 @@ def main() -> None:
             table,
         )
     )
+    result: dict[str, Any] = {"header": header, "environment": environment(), "rows": rows}
+    plain_runs = next((v for k, v in runs.items() if k.startswith(PLAIN)), [])
+    lightning_runs = next((v for k, v in runs.items() if k.startswith(LIGHTNING)), [])
+    if plain_runs and lightning_runs:
+        ratios = [a["real_tokens_per_s"] / b["real_tokens_per_s"] for a, b in zip(lightning_runs, plain_runs)]
+        result["lightning_over_plain_loop"] = {"pairs": ratios, "median": statistics.median(ratios)}
+        print(
+            f"\nLightning / plain loop, run by run: {', '.join(f'{x:.3f}' for x in ratios)}; median "
+            f"{statistics.median(ratios):.3f}"
+        )
+    compiled = [r for r in rows if "graphs" in r]
+    for r in compiled:
+        print(
+            f"{r['row']}: {r['graphs']} compiled graphs, {r['warmup_seconds']:.0f} s for the first "
+            f"{r['warmup_steps']} steps (compilation included)"
+        )
     print(f"\n{environment()}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "environment": environment(), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

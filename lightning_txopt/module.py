@@ -120,7 +120,9 @@ class TransformerModule(pl.LightningModule):
         if attn is not None:
             kwargs["attn_implementation"] = attn
         if model is not None:
-            return auto.from_pretrained(model, **kwargs)
+            # fp32 master weights whatever the checkpoint's dtype (transformers 5 keeps a bf16 file's dtype by
+            # default): Lightning's precision plugin, not the checkpoint, decides what runs in lower precision
+            return auto.from_pretrained(model, dtype=torch.float32, **kwargs)
         if isinstance(config, dict):
             config = dict(config)
             model_type = config.pop("model_type", None)
@@ -220,6 +222,23 @@ class TransformerModule(pl.LightningModule):
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, max(total, 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Any = None,
+    ) -> None:
+        """Step, then free the gradients at once.
+
+        Lightning zeroes gradients inside the next step's closure, after its forward pass: the previous step's
+        gradients (one parameter-sized fp32 buffer, 0.41 GiB for BERT-base) would stay allocated through the forward,
+        where activation memory peaks. Freeing them here lowers peak memory by that much and changes no result.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
 
     def flops_per_token(self, seq_len: int = 128) -> float:
         """Training FLOPs per token: ``6 * non-embedding parameters + 12 * layers * hidden * seq_len`` (attention).

@@ -107,3 +107,22 @@ def test_pretrained_folder_loads_in_train_mode(tmp_path):
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
     module = TransformerModule(str(tmp_path), num_labels=3)
     assert all(m.training for m in module.model.modules())  # dropout active when fine-tuning
+
+
+def test_gradients_are_freed_after_each_optimizer_step_but_kept_within_an_accumulation_window():
+    import lightning.pytorch as pl
+
+    seen: list[bool] = []  # at the start of each batch: does any parameter hold a gradient?
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(any(p.grad is not None for p in pl_module.parameters()))
+
+    dm = BucketDataModule(make_samples(32, seed=1), pad_token_id=0, batch_size=4, shuffle=False)
+    module = TransformerModule(config=BERT, num_labels=3)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=6, accumulate_grad_batches=2, callbacks=[Probe()])
+    trainer.fit(module, datamodule=dm)
+    # windows (0,1), (2,3), (4,5): gradients exist mid-window only; freed right after each step
+    assert seen == [False, True, False, True, False, True]
+    assert trainer.global_step == 3
+    assert all(p.grad is None for p in module.parameters())

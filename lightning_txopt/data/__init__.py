@@ -1,6 +1,6 @@
 """Length-aware batching: lengths, planning, sampler, collator, DataModule and padding report."""
 
-from lightning_txopt.data.collator import PaddingCollator, pad_sequences
+from lightning_txopt.data.collator import PaddingCollator, pad_sequences, padded_widths
 from lightning_txopt.data.corpus import load_fortunes
 from lightning_txopt.data.datamodule import BucketDataModule
 from lightning_txopt.data.fortunes import FortunesDataModule
@@ -23,6 +23,7 @@ __all__ = [
     "compute_lengths",
     "load_fortunes",
     "pad_sequences",
+    "padded_widths",
     "padding_report",
     "plan_epoch",
     "read_records",

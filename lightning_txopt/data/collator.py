@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-__all__ = ["PaddingCollator", "pad_sequences"]
+__all__ = ["PaddingCollator", "pad_sequences", "padded_widths"]
 
 _PADDINGS = ("longest", "max_length")
 _SIDES = ("right", "left")
@@ -24,6 +24,28 @@ def _as_1d(value: Any, key: str, index: int) -> np.ndarray:
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) and arr.size:
         raise TypeError(f"Sample {index}: {key!r} holds {arr.dtype} values; only numbers can be padded.")
     return arr
+
+
+def padded_widths(
+    lengths: Any, *, pad_to_multiple_of: int | None = None, pad_to_lengths: Sequence[int] | None = None
+) -> np.ndarray:
+    """The width each length is padded to.
+
+    That is the smallest rung of ``pad_to_lengths`` that holds it (a length above the top rung keeps its own), then
+    rounded up to a multiple of ``pad_to_multiple_of``.
+
+    Example:
+        >>> padded_widths([3, 9, 64, 65, 700], pad_to_multiple_of=8, pad_to_lengths=(64, 512)).tolist()
+        [64, 64, 64, 512, 704]
+    """
+    width = np.asarray(lengths, dtype=np.int64)
+    if pad_to_lengths is not None:
+        rungs = np.asarray(pad_to_lengths, dtype=np.int64)
+        slot = np.searchsorted(rungs, width, side="left")
+        width = np.where(slot < rungs.size, rungs[np.minimum(slot, rungs.size - 1)], width)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    return width
 
 
 def pad_sequences(
@@ -70,6 +92,10 @@ class PaddingCollator:
             batch to ``max_length`` (fixed padding).
         max_length: Longest allowed sequence; required with ``padding="max_length"``.
         pad_to_multiple_of: Round the padded length up to a multiple of this (tensor-core friendly shapes).
+        pad_to_lengths: A ladder of widths (e.g. ``(64, 128, 256, 512)``): each batch is padded to the smallest
+            rung that holds its longest sample, so a compiled model (``torch.compile``) sees at most one sequence
+            length per rung. A batch longer than the top rung keeps its own width (rounded by
+            ``pad_to_multiple_of``).
         padding_side: ``"right"`` or ``"left"``.
         label_pad_token_id: Fill value of token-level labels; ignored by the loss.
         truncation: Cut sequences longer than ``max_length`` instead of raising.
@@ -94,6 +120,7 @@ class PaddingCollator:
         padding: Literal["longest", "max_length"] = "longest",
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
+        pad_to_lengths: Sequence[int] | None = None,
         padding_side: Literal["right", "left"] = "right",
         label_pad_token_id: int = -100,
         truncation: bool = False,
@@ -125,6 +152,30 @@ class PaddingCollator:
                 f"max_length={max_length} is not a multiple of pad_to_multiple_of={pad_to_multiple_of}; "
                 "padded shapes would exceed max_length. Choose values that divide."
             )
+        if pad_to_lengths is not None:
+            rungs = list(pad_to_lengths)
+            if (
+                not rungs
+                or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rungs)
+                or any(b <= a for a, b in itertools.pairwise(rungs))
+            ):
+                raise ValueError(
+                    f"`pad_to_lengths` must be a non-empty, strictly increasing sequence of positive integers, got "
+                    f"{pad_to_lengths!r}."
+                )
+            if padding == "max_length":
+                raise ValueError("`pad_to_lengths` goes with padding='longest'; padding='max_length' has one width.")
+            if pad_to_multiple_of is not None and any(r % pad_to_multiple_of for r in rungs):
+                raise ValueError(
+                    f"Every rung of pad_to_lengths={rungs} must be a multiple of pad_to_multiple_of="
+                    f"{pad_to_multiple_of}."
+                )
+            if max_length is not None and rungs[-1] > max_length:
+                raise ValueError(
+                    f"The top rung of pad_to_lengths={rungs} exceeds max_length={max_length}: batches would be padded "
+                    "past the longest allowed sequence."
+                )
+        self.pad_to_lengths: tuple[int, ...] | None = tuple(pad_to_lengths) if pad_to_lengths is not None else None
         self.pad_token_id = pad_token_id
         self.padding = padding
         self.max_length = max_length
@@ -140,14 +191,25 @@ class PaddingCollator:
         Example:
             >>> PaddingCollator(0, pad_to_multiple_of=8).padded_length(13)
             16
+            >>> PaddingCollator(0, pad_to_lengths=(64, 128, 512)).padded_length(65)
+            128
+        """
+        return int(self.padded_lengths(np.array([longest]))[0])
+
+    def padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`padded_length`: the width each sample would be padded to in a batch of its own.
+
+        Padding is monotone, so a batch's width is the largest of its samples' padded lengths: planning batches on
+        these lengths makes a token budget hold for the padded batch.
+
+        Example:
+            >>> PaddingCollator(0, pad_to_lengths=(32, 64)).padded_lengths(np.array([3, 32, 33, 70])).tolist()
+            [32, 32, 64, 70]
         """
         if self.padding == "max_length":
             assert self.max_length is not None
-            return self.max_length
-        width = longest
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return width
+            return np.full_like(np.asarray(lengths, dtype=np.int64), self.max_length)
+        return padded_widths(lengths, pad_to_multiple_of=self.pad_to_multiple_of, pad_to_lengths=self.pad_to_lengths)
 
     def _pad_value(self, key: str) -> int:
         if key == self.input_key:

@@ -65,6 +65,9 @@ class BucketDataModule(pl.LightningDataModule):
         max_length: Longest sequence allowed (longer ones raise unless ``truncation``); the padded length of
             ``"fixed"``.
         pad_to_multiple_of: Round padded widths up to a multiple of this (e.g. 8 for tensor cores).
+        pad_to_lengths: Pad every batch to the smallest of these widths that holds it, e.g. ``[64, 128, 256, 512]``
+            (``"bucket"``/``"dynamic"``): with ``torch.compile`` the model meets one sequence length per rung, so
+            recompilation is bounded. Batches are planned on the padded widths, so ``max_tokens`` holds.
         truncation: Cut sequences longer than ``max_length`` instead of raising.
         num_workers: DataLoader worker processes.
         pin_memory: Pin batches in page-locked memory (only takes effect with a CUDA device).
@@ -105,6 +108,7 @@ class BucketDataModule(pl.LightningDataModule):
         eval_max_tokens: int | None = None,
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
+        pad_to_lengths: list[int] | None = None,
         truncation: bool = False,
         num_workers: int = 0,
         pin_memory: bool = True,
@@ -133,6 +137,11 @@ class BucketDataModule(pl.LightningDataModule):
             raise ValueError(
                 "strategy='packed' fills batches of up to `max_tokens` tokens (one row, or rows of `max_length` "
                 f"tokens when max_length is set): set max_tokens (got max_tokens={max_tokens!r})."
+            )
+        if pad_to_lengths is not None and strategy not in ("bucket", "dynamic"):
+            raise ValueError(
+                f"`pad_to_lengths` pads batches to a ladder of widths; strategy={strategy!r} has its own widths "
+                "(use 'bucket' or 'dynamic')."
             )
         if max_tokens is not None and max_length is not None and max_length > max_tokens and oversize == "error":
             raise ValueError(
@@ -168,6 +177,7 @@ class BucketDataModule(pl.LightningDataModule):
         self.eval_max_tokens = eval_max_tokens if eval_max_tokens is not None else max_tokens
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_lengths = list(pad_to_lengths) if pad_to_lengths is not None else None
         self.truncation = truncation
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -198,6 +208,7 @@ class BucketDataModule(pl.LightningDataModule):
                 padding="max_length" if strategy == "fixed" else "longest",
                 max_length=max_length,
                 pad_to_multiple_of=pad_to_multiple_of,
+                pad_to_lengths=pad_to_lengths,
                 padding_side=padding_side,
                 label_pad_token_id=label_pad_token_id,
                 truncation=truncation,
@@ -267,9 +278,13 @@ class BucketDataModule(pl.LightningDataModule):
     def make_sampler(self, split: str) -> BucketBatchSampler:
         """The batch sampler of a split (training: shuffled, with ``drop_last``; evaluation: ordered)."""
         lengths = self.lengths(split)
+        padded = getattr(self.collator, "padded_lengths", None)  # duck-typed: a wrapped collator may forward it
         if self.strategy == "fixed":
             assert self.max_length is not None
             lengths = np.full_like(lengths, self.max_length)
+        elif self.strategy != "packed" and callable(padded):
+            # plan on the widths the collator pads to (ladder rungs, multiples), so that budgets hold when padded
+            lengths = padded(lengths)
         train = split == "train"
         num_replicas, rank = self._world()
         return BucketBatchSampler(
@@ -335,6 +350,7 @@ class BucketDataModule(pl.LightningDataModule):
             max_tokens=self.max_tokens if train else self.eval_max_tokens,
             max_length=self.max_length,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            pad_to_lengths=self.pad_to_lengths,
             seed=self.seed,
             pack_length=self.pack_length,
         )

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from lightning_txopt.data.collator import padded_widths
 from lightning_txopt.data.planning import as_lengths, plan_epoch
 
 __all__ = ["PaddingRow", "padding_report", "STRATEGIES"]
@@ -65,6 +66,7 @@ def padding_report(
     max_tokens: int | None = None,
     max_length: int | None = None,
     pad_to_multiple_of: int | None = None,
+    pad_to_lengths: Sequence[int] | None = None,
     seed: int = 0,
     epoch: int = 0,
     num_replicas: int = 1,
@@ -84,6 +86,8 @@ def padding_report(
         max_tokens: Padded-token budget per batch.
         max_length: Fixed length of the ``"fixed"`` strategy; samples are counted as truncated to it.
         pad_to_multiple_of: Round each batch's width up to a multiple of this.
+        pad_to_lengths: Pad each batch to the smallest of these widths that holds it (a ladder of shapes, see
+            :class:`~lightning_txopt.data.collator.PaddingCollator`).
         seed: Shuffling seed.
         epoch: Epoch whose plan is counted.
         num_replicas: Ranks the batches are dealt to (splits change the counts slightly).
@@ -133,8 +137,10 @@ def padding_report(
             plan = plan_epoch(np.full_like(truncated, fixed_len), group_by_length=False, **common)
             width = _round_up(np.full(plan.num_batches, fixed_len), pad_to_multiple_of)
         else:
-            plan = plan_epoch(truncated, group_by_length=strategy == "bucket", **common)
-            width = _round_up(plan.max_lengths(truncated), pad_to_multiple_of)
+            # plan on padded widths, as the DataModule does, so that a token budget holds for the padded batches
+            padded = padded_widths(truncated, pad_to_multiple_of=pad_to_multiple_of, pad_to_lengths=pad_to_lengths)
+            plan = plan_epoch(padded, group_by_length=strategy == "bucket", **common)
+            width = plan.max_lengths(padded)
         processed = int((plan.sizes * width).sum())
         rows.append(
             PaddingRow(

@@ -3,8 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from lightning_txopt.data.collator import PaddingCollator, pad_sequences
+from lightning_txopt.data.collator import PaddingCollator, pad_sequences, padded_widths
 
 
 def _samples():
@@ -71,6 +73,12 @@ def test_too_long_is_an_error_or_truncated():
         (dict(pad_token_id=0, pad_to_multiple_of=0), "pad_to_multiple_of"),
         (dict(pad_token_id=0, max_length=10, pad_to_multiple_of=8), "not a multiple"),
         (dict(pad_token_id=0, truncation=True), "truncation=True needs"),
+        (dict(pad_token_id=0, pad_to_lengths=[]), "pad_to_lengths"),
+        (dict(pad_token_id=0, pad_to_lengths=[64, 32]), "strictly increasing"),
+        (dict(pad_token_id=0, pad_to_lengths=[0, 8]), "positive"),
+        (dict(pad_token_id=0, pad_to_lengths=[12, 24], pad_to_multiple_of=8), "multiple of pad_to_multiple_of=8"),
+        (dict(pad_token_id=0, pad_to_lengths=[64, 128], max_length=100), "exceeds max_length=100"),
+        (dict(pad_token_id=0, pad_to_lengths=[64], padding="max_length", max_length=64), "padding='longest'"),
     ],
 )
 def test_argument_errors(kwargs, match):
@@ -99,3 +107,31 @@ def test_pad_sequences_matches_a_python_reference():
         for row, seq in zip(out, seqs):
             pad = [-1] * (8 - len(seq))
             assert row.tolist() == (seq.tolist() + pad if side == "right" else pad + seq.tolist())
+
+
+def test_ladder_pads_each_batch_to_the_smallest_rung_that_holds_it():
+    collate = PaddingCollator(0, pad_to_lengths=(4, 8, 16))
+    widths = [collate([{"input_ids": [1] * n}, {"input_ids": [1, 2]}])["input_ids"].shape[1] for n in (1, 4, 5, 16, 17)]
+    assert widths == [4, 4, 8, 16, 17]  # above the top rung: the batch keeps its own width
+    batch = collate([{"input_ids": [5, 6, 7, 8, 9]}])
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+
+
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=50),
+    rungs=st.lists(st.integers(1, 32), min_size=1, max_size=5, unique=True),
+    multiple=st.sampled_from([None, 1, 8]),
+)
+def test_padded_widths_matches_a_python_reference(lengths, rungs, multiple):
+    ladder = sorted(r * (multiple or 1) * 8 for r in set(rungs))
+    ladder = sorted(set(ladder))
+    expected = []
+    for n in lengths:
+        w = next((r for r in ladder if r >= n), n)
+        if multiple:
+            w = -(-w // multiple) * multiple
+        expected.append(w)
+    assert padded_widths(lengths, pad_to_multiple_of=multiple, pad_to_lengths=ladder).tolist() == expected
+    collate = PaddingCollator(0, pad_to_multiple_of=multiple, pad_to_lengths=ladder)
+    batch = collate([{"input_ids": [1] * n} for n in lengths])
+    assert batch["input_ids"].shape[1] == max(expected)  # padding is monotone: a batch's width is its widest sample's

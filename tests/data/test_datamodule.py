@@ -29,6 +29,8 @@ def _dm(**kwargs) -> BucketDataModule:
         (dict(pad_token_id=0, batch_size=4, num_workers=-1), "num_workers"),
         (dict(pad_token_id=0, batch_size=4, persistent_workers=True), "persistent_workers"),
         (dict(pad_token_id=0, batch_size=4, pad_to_multiple_of=0), "pad_to_multiple_of"),
+        (dict(pad_token_id=0, batch_size=4, strategy="fixed", max_length=64, pad_to_lengths=[64]), "pad_to_lengths"),
+        (dict(pad_token_id=0, batch_size=4, pad_to_lengths=[64, 32]), "strictly increasing"),
     ],
 )
 def test_argument_errors(kwargs, match):
@@ -91,6 +93,33 @@ def test_fit_through_trainer_and_batches_respect_budget():
         assert sorted(i for b in batches for i in b) == list(range(120))
         assert all(len(b) * lengths[b].max() <= 160 for b in batches)
     assert model.seen[:per_epoch] != model.seen[per_epoch:]  # new order each epoch
+
+
+@pytest.mark.parametrize(
+    "padding", [dict(pad_to_multiple_of=16), dict(pad_to_lengths=[16, 32, 64]), dict(pad_to_lengths=[8, 24])]
+)
+def test_token_budget_holds_for_padded_batches_with_rounding_and_ladders(padding):
+    samples = make_samples(120, seed=1)
+    dm = BucketDataModule(samples, pad_token_id=0, max_tokens=160, seed=7, **padding)
+    dm.setup("fit")
+    lengths = dm.lengths("train")
+    seen, shapes, processed = [], set(), 0
+    for batch in dm.train_dataloader():
+        rows, width = batch["input_ids"].shape
+        assert rows * width <= 160  # the budget counts padded tokens, rounding and rungs included
+        longest = int(lengths[batch["idx"].numpy()].max())
+        if "pad_to_lengths" in padding:
+            rungs = padding["pad_to_lengths"]
+            assert width == next((r for r in rungs if r >= longest), longest)
+        else:
+            assert width == -(-longest // 16) * 16
+        seen.extend(batch["idx"].tolist())
+        shapes.add((rows, width))
+        processed += rows * width
+    assert sorted(seen) == list(range(120))
+    assert processed == {r.strategy: r for r in dm.padding_report()}["bucket"].processed_tokens
+    if padding.get("pad_to_lengths") == [16, 32, 64]:  # lengths 4..40 here: two rungs, a few row counts each
+        assert {w for _, w in shapes} <= {16, 32, 64}
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

