@@ -295,6 +295,11 @@ class _CountingCollator:
         self.collate = collate
         self.pending: list[dict[str, torch.Tensor]] = []
 
+    def __getattr__(self, name: str) -> Any:  # padded_lengths & co.: the DataModule plans batches with them
+        if name.startswith("__") or name == "collate":  # unpickling (ddp_spawn) looks these up before __init__
+            raise AttributeError(name)
+        return getattr(self.collate, name)
+
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.collate(samples)
         self.pending.append(
@@ -462,7 +467,7 @@ def chart(result: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-LADDER = [32, 64, 128, 256, 512]
+LADDER = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]  # steps of about sqrt(2)
 PLAIN = "plain PyTorch loop: our token-budget batches"
 LIGHTNING = "lightning_txopt: BucketDataModule max_tokens="
 GROUPED = "HF Trainer: group_by_length, bf16"
