@@ -62,6 +62,14 @@ class _RankWindow(pl.Callback):
         Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
+class _NoCudnnAttention(pl.Callback):
+    """Turns PyTorch's cuDNN attention backend off in every process (ddp_spawn children too): it builds a plan for
+    each new batch shape (123 ms each on the H200, ``shape_cost.py``), which would swamp a short timed window."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def run(samples: list[dict], args: argparse.Namespace, devices: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     dm = BucketDataModule(samples, pad_token_id=0, max_tokens=args.max_tokens, seed=0)
@@ -76,7 +84,10 @@ def run(samples: list[dict], args: argparse.Namespace, devices: int) -> dict[str
             strategy="ddp_spawn" if devices > 1 else "auto",
             precision="bf16-mixed" if cuda else "32-true",
             max_steps=args.warmup + args.steps,
-            callbacks=[_RankWindow(folder, args.warmup, args.steps, counter)],
+            callbacks=[
+                _RankWindow(folder, args.warmup, args.steps, counter),
+                *([_NoCudnnAttention()] if args.no_cudnn_attention else []),
+            ],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -110,6 +121,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--no-cudnn-attention", action="store_true", help="SDPA without the cuDNN backend (no per-shape plan cost)"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -132,7 +146,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(
         f"\n{device}, BERT-base shape{' (quick: tiny)' if args.quick else ''}, max_tokens={args.max_tokens}, "
-        f"{args.steps} timed steps per rank after {args.warmup}\n"
+        f"{args.steps} timed steps per rank after {args.warmup}"
+        f"{', cuDNN attention off' if args.no_cudnn_attention else ''}\n"
     )
     print(
         markdown_table(
@@ -153,6 +168,7 @@ def main() -> None:
                     "multi": multi,
                     "scaling_efficiency": efficiency,
                     "imbalance": skew,
+                    "settings": vars(args),
                     "environment": environment(),
                 },
                 indent=2,
