@@ -569,9 +569,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--chart", default=None, help="write a PNG chart of real tokens/s and peak memory here")
     parser.add_argument("--chart-from", default=None, help="only draw --chart from an earlier --json file")
+    parser.add_argument("--report-from", default=None, help="only print the table of an earlier --json file")
     args = parser.parse_args()
     if args.chart_from:
         chart(json.loads(Path(args.chart_from).read_text()), args.chart)
+        return
+    if args.report_from:
+        print(report(json.loads(Path(args.report_from).read_text())))
         return
     if args.quick:
         args.steps, args.warmup, args.max_tokens = min(args.steps, 3), min(args.warmup, 1), min(args.max_tokens, 2048)
@@ -611,6 +615,29 @@ def main() -> None:
         if len(ranked) > 1:
             row["runs_real_tokens_per_s"] = [r["real_tokens_per_s"] for r in runs[name]]
         rows.append(row)
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    header = (
+        f"{device}, BERT-base shape{' (quick: tiny)' if args.quick else ''}, {args.steps} timed optimizer steps "
+        f"per row after {args.warmup} warm-up steps (every model: attn_implementation='sdpa')"
+    )
+    if args.repeats > 1:
+        header += f"; plain loop and Lightning rows: median of {args.repeats} alternating runs"
+    result: dict[str, Any] = {"header": header, "environment": environment(), "rows": rows}
+    plain_runs = next((v for k, v in runs.items() if k.startswith(PLAIN)), [])
+    lightning_runs = next((v for k, v in runs.items() if k.startswith(LIGHTNING)), [])
+    if plain_runs and lightning_runs:
+        ratios = [a["real_tokens_per_s"] / b["real_tokens_per_s"] for a, b in zip(lightning_runs, plain_runs)]
+        result["lightning_over_plain_loop"] = {"pairs": ratios, "median": statistics.median(ratios)}
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.chart:
+        chart(result, args.chart)
+
+
+def report(result: dict[str, Any]) -> str:
+    """The markdown table and summary lines of a result (also from a saved ``--json`` file: ``--report-from``)."""
+    rows = result["rows"]
     ref = next((r for r in rows if r["row"].startswith(GROUPED)), rows[0])
     loop = next((r for r in rows if r["row"].startswith(PLAIN)), rows[0])
     table = [
@@ -622,19 +649,12 @@ def main() -> None:
             r["samples_per_s"],
             r["padding_efficiency"],
             r["peak_memory_gib"],
-            r["peak_memory_gib"] / ref["peak_memory_gib"] if cuda else float("nan"),
+            r["peak_memory_gib"] / ref["peak_memory_gib"],
         ]
         for r in rows
     ]
-    device = torch.cuda.get_device_name() if cuda else "CPU"
-    header = (
-        f"{device}, BERT-base shape{' (quick: tiny)' if args.quick else ''}, {args.steps} timed optimizer steps "
-        f"per row after {args.warmup} warm-up steps (every model: attn_implementation='sdpa')"
-    )
-    if args.repeats > 1:
-        header += f"; plain loop and Lightning rows: median of {args.repeats} alternating runs"
-    print(f"\n{header}\n")
-    print(
+    lines = [
+        f"{result['header']}\n",
         markdown_table(
             [
                 "row",
@@ -647,27 +667,27 @@ def main() -> None:
                 "peak x HF length-grouped",
             ],
             table,
-        )
-    )
-    result: dict[str, Any] = {"header": header, "environment": environment(), "rows": rows}
-    plain_runs = next((v for k, v in runs.items() if k.startswith(PLAIN)), [])
-    lightning_runs = next((v for k, v in runs.items() if k.startswith(LIGHTNING)), [])
-    if plain_runs and lightning_runs:
-        ratios = [a["real_tokens_per_s"] / b["real_tokens_per_s"] for a, b in zip(lightning_runs, plain_runs)]
-        result["lightning_over_plain_loop"] = {"pairs": ratios, "median": statistics.median(ratios)}
-        print(
-            f"\nLightning / plain loop, run by run: {', '.join(f'{x:.3f}' for x in ratios)}; median "
-            f"{statistics.median(ratios):.3f}"
-        )
-    compiled = [r for r in rows if "graphs" in r]
-    for r in compiled:
-        print(
-            f"{r['row']}: {r['graphs']} compiled graphs, {r['warmup_seconds']:.0f} s for the first "
-            f"{r['warmup_steps']} steps (compilation included)"
-        )
-    print(f"\n{environment()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        ),
+        "",
+    ]
+    pair = result.get("lightning_over_plain_loop")
+    if pair:
+        runs = ", ".join(f"{x:.3f}" for x in pair["pairs"])
+        lines.append(f"Lightning / plain loop, run by run: {runs}; median {pair['median']:.3f}")
+    for r in rows:
+        if "calibration" in r and isinstance(r["calibration"], dict):
+            probes = "; ".join(f"{t} tokens: {g:.3f} GiB" for t, g in r["calibration"]["probes_max_tokens_gib"])
+            lines.append(
+                f"{r['row']}: sized to {r['calibration']['target_gib']:.3f} GiB by probes ({probes}); "
+                f"measured peak {r['peak_memory_gib']:.3f} GiB"
+            )
+        if "graphs" in r:
+            lines.append(
+                f"{r['row']}: {r['graphs']} compiled graphs, {r['warmup_seconds']:.0f} s for the first "
+                f"{r['warmup_steps']} steps (compilation included)"
+            )
+    lines.append(f"\n{result['environment']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

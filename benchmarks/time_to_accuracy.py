@@ -261,7 +261,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="400 texts, 1 epoch each: a CPU smoke run")
     parser.add_argument("--json", default=None)
     parser.add_argument("--chart", default=None)
+    parser.add_argument("--report-from", default=None, help="only print the report of an earlier --json file")
     args = parser.parse_args()
+    if args.report_from:
+        print(report(json.loads(Path(args.report_from).read_text())))
+        return
     path = args.model or default_model()
     if args.export_bf16:
         export_bf16(path, args.export_bf16)
@@ -284,33 +288,47 @@ def main() -> None:
         f"{device}: all-MiniLM-L6-v2 fine-tuned on the corpus ({len(data['train'])} train / {len(data['val'])} val "
         f"texts, 40 labels)"
     )
-    print(f"\n{header}\n")
-    table = []
-    for run in runs:
-        for p in run["curve"]:
-            table.append([run["recipe"], p["epoch"], p["train_seconds"], p["val_acc"]])
-    print(markdown_table(["recipe", "epoch", "training s", "val accuracy"], table))
-    summary: dict[str, Any] = {"target_accuracy": target, "trainer_train_seconds": runs[0]["train_seconds"]}
-    print(f"\ntarget {target:.4f}: the Trainer's final accuracy, after {runs[0]['train_seconds']:.1f} s of training")
     for run in runs[1:]:
         reached = next((p for p in run["curve"] if p["val_acc"] >= target), None)
         if reached:
             run["seconds_to_target"] = reached["train_seconds"]
             run["speedup"] = runs[0]["train_seconds"] / reached["train_seconds"]
-            print(
-                f"{run['recipe']}: {reached['val_acc']:.4f} after {reached['train_seconds']:.1f} s "
-                f"(epoch {reached['epoch']:.2f}): {run['speedup']:.1f}x less training time"
-            )
-        else:
-            print(f"{run['recipe']}: target not reached in {args.epochs} epochs")
-    walls = ", ".join(f"{r['recipe']} {r['wall_seconds']:.1f} s" for r in runs)
-    print(f"wall time of each fit, evaluation and set-up included: {walls}")
-    print(f"\n{environment()}")
-    result = {"header": header, "environment": environment(), "runs": runs, **summary, "settings": vars(args)}
+    result = {
+        "header": header,
+        "environment": environment(),
+        "runs": runs,
+        "target_accuracy": target,
+        "trainer_train_seconds": runs[0]["train_seconds"],
+        "settings": vars(args),
+    }
+    print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.chart:
         chart(result, args.chart)
+
+
+def report(result: dict[str, Any]) -> str:
+    """The curves as a table and the time-to-target lines (also from a saved ``--json`` file: ``--report-from``)."""
+    runs, target = result["runs"], result["target_accuracy"]
+    table = [[run["recipe"], p["epoch"], p["train_seconds"], p["val_acc"]] for run in runs for p in run["curve"]]
+    lines = [f"{result['header']}\n", markdown_table(["recipe", "epoch", "training s", "val accuracy"], table), ""]
+    lines.append(
+        f"target {target:.4f}: the Trainer's final accuracy, after {runs[0]['train_seconds']:.1f} s of training"
+    )
+    for run in runs[1:]:
+        if "speedup" in run:
+            reached = next(p for p in run["curve"] if p["val_acc"] >= target)
+            lines.append(
+                f"{run['recipe']}: {reached['val_acc']:.4f} after {reached['train_seconds']:.1f} s "
+                f"(epoch {reached['epoch']:.2f}): {run['speedup']:.1f}x less training time"
+            )
+        else:
+            lines.append(f"{run['recipe']}: target not reached")
+    walls = ", ".join(f"{r['recipe']} {r['wall_seconds']:.1f} s" for r in runs)
+    lines.append(f"wall time of each fit, evaluation and set-up included: {walls}")
+    lines.append(f"\n{result['environment']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

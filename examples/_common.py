@@ -13,8 +13,10 @@ from lightning_txopt import TokenThroughputMonitor, TransformerModule
 from lightning_txopt.data.fortunes import default_tokenizer_path
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, *, ladder: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if ladder:
+        parser.add_argument("--ladder", type=int, nargs="+", default=None, help="pad_to_lengths: widths to pad to")
     parser.add_argument("--limit", type=int, default=None, help="use the first N records of the corpus")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=-1)

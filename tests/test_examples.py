@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--tiny", "--limit", "96", "--max-length", "64", "--max-steps", "3", "--accelerator", "cpu"]
 SCRIPTS = {
     "base.py": ["--batch-size", "16"],
-    "bucketing.py": ["--max-tokens", "1024"],
+    "bucketing.py": ["--max-tokens", "1024", "--ladder", "16", "32", "64"],
     "packing.py": ["--max-tokens", "512"],
     "freeze_embeddings.py": ["--batch-size", "16"],
     "accumulation.py": ["--batch-size", "8", "--epochs", "2", "--max-steps", "-1", "--limit", "64"],

@@ -109,6 +109,19 @@ def test_pretrained_folder_loads_in_train_mode(tmp_path):
     assert all(m.training for m in module.model.modules())  # dropout active when fine-tuning
 
 
+def test_a_bf16_checkpoint_loads_as_fp32_master_weights(tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(**BERT, num_labels=3)
+    reference = AutoModelForSequenceClassification.from_config(config).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    module = TransformerModule(str(tmp_path), num_labels=3)
+    params = dict(module.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}  # the precision plugin, not the file, decides
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(params[name], p.float(), rtol=0, atol=0)  # same values, upcast exactly
+
+
 def test_gradients_are_freed_after_each_optimizer_step_but_kept_within_an_accumulation_window():
     import lightning.pytorch as pl
 
