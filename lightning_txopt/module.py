@@ -104,6 +104,7 @@ class TransformerModule(pl.LightningModule):
         self.betas = betas
         self.eps = eps
         self.sum_loss = False
+        self._loss_in_progress_bar = True
         if task == "sequence-classification":
             self.val_accuracy = MulticlassAccuracy(num_classes=int(hf_model.config.num_labels), average="micro")
         self.val_loss_sum = SumMetric()
@@ -156,6 +157,9 @@ class TransformerModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        # Lightning turns progress-bar values into numbers after every batch: one host-device sync per step. Only pay
+        # for it when there is a progress bar to show the loss in (the loss is logged either way).
+        self._loss_in_progress_bar = getattr(self.trainer, "progress_bar_callback", None) is not None
         self.sum_loss = any(
             isinstance(cb, AccumulationScheduler) and cb.normalize == "tokens"
             for cb in self.trainer.callbacks  # type: ignore[attr-defined]
@@ -172,7 +176,7 @@ class TransformerModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, items, _ = self.loss_and_items(batch, "sum" if self.sum_loss else "mean")
         mean = loss.detach() / items.clamp_min(1) if self.sum_loss else loss.detach()
-        self.log("train_loss", mean, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
+        self.log("train_loss", mean, prog_bar=self._loss_in_progress_bar, batch_size=int(batch["input_ids"].shape[0]))
         return loss
 
     @override

@@ -139,3 +139,50 @@ def test_gradients_are_freed_after_each_optimizer_step_but_kept_within_an_accumu
     assert seen == [False, True, False, True, False, True]
     assert trainer.global_step == 3
     assert all(p.grad is None for p in module.parameters())
+
+
+def _reads_from_library_code(monkeypatch, steps: int, **trainer_kwargs) -> int:
+    """How many times lightning_txopt's own code read a tensor's value into Python during a fit of ``steps`` steps.
+
+    On a GPU each such read (``int()``, ``float()``, ``.item()``, ``.tolist()``) stalls the host until the device
+    catches up; a per-step read would serialise every step."""
+    import sys
+
+    from lightning_txopt.callbacks import TokenThroughputMonitor
+
+    reads = {"n": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if "lightning_txopt" in sys._getframe(1).f_code.co_filename:
+                reads["n"] += 1
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("__int__", "__float__", "__index__", "item", "tolist"):
+        counting(name)
+    dm = BucketDataModule(make_samples(200, seed=1), pad_token_id=0, max_tokens=64, shuffle=False)
+    module = TransformerModule(config=BERT, num_labels=3)
+    callbacks = [TokenThroughputMonitor(log_every_n_steps=10**6), AccumulationScheduler({0: 2}, normalize="tokens")]
+    trainer = cpu_trainer(max_steps=steps, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, datamodule=dm)
+    monkeypatch.undo()
+    return reads["n"]
+
+
+def test_training_steps_do_not_read_device_values(monkeypatch):
+    # TransformerModule, TokenThroughputMonitor and AccumulationScheduler(normalize="tokens") together: the number of
+    # reads must not grow with the number of steps (reads at the end of the fit are fine)
+    assert _reads_from_library_code(monkeypatch, 2) == _reads_from_library_code(monkeypatch, 8)
+
+
+def test_loss_goes_to_the_progress_bar_only_when_there_is_one():
+    dm = BucketDataModule(make_samples(40, seed=1), pad_token_id=0, batch_size=8)
+    for bar in (False, True):
+        trainer = cpu_trainer(max_steps=2, enable_progress_bar=bar)
+        trainer.fit(TransformerModule(config=BERT, num_labels=3), datamodule=dm)
+        assert "train_loss" in trainer.callback_metrics  # logged either way
+        assert ("train_loss" in trainer.progress_bar_metrics) is bar  # the number (a device read) only with a bar

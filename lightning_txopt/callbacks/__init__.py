@@ -23,7 +23,7 @@ from lightning_txopt.callbacks.gradient_checkpointing import (
     selective_checkpointing_available,
 )
 from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, SharingResult, layer_mapping, share_layers
-from lightning_txopt.callbacks.throughput import TokenThroughputMonitor, batch_token_counts
+from lightning_txopt.callbacks.throughput import TokenThroughputMonitor, batch_token_counts, device_token_counts
 
 __all__ = [
     "AccumulationScheduler",
@@ -35,6 +35,7 @@ __all__ = [
     "SharingResult",
     "TokenThroughputMonitor",
     "batch_token_counts",
+    "device_token_counts",
     "causal_lm_items",
     "count_label_items",
     "count_optimizer_steps",

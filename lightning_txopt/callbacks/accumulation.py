@@ -177,7 +177,7 @@ class AccumulationScheduler(Callback):
         self.optimizer_steps = 0
         self._window_batches = 0
         self._window_items: torch.Tensor | int = 0
-        self.last_items = 0
+        self.last_items: int | torch.Tensor = 0  # items of the last window over all ranks (a device tensor)
         self._scaler_checked = False
 
     def factor_for(self, *, epoch: int, step: int) -> int:
@@ -242,9 +242,9 @@ class AccumulationScheduler(Callback):
             self._window_items = self._window_items + (items.detach() if isinstance(items, torch.Tensor) else items)
             if not self._scaler_checked:
                 self._scaler_checked = True
-                self._lower_initial_loss_scale(trainer, float(items))
+                self._lower_initial_loss_scale(trainer, items)
 
-    def _lower_initial_loss_scale(self, trainer: pl.Trainer, items: float) -> None:
+    def _lower_initial_loss_scale(self, trainer: pl.Trainer, items: int | torch.Tensor) -> None:
         """Start fp16's GradScaler lower by the expected items per step, once, at the start of a fresh fit.
 
         A summed loss is ``items`` times a mean loss; with the default initial scale (2**16) its scaled gradients
@@ -253,7 +253,7 @@ class AccumulationScheduler(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is None or not scaler.is_enabled() or trainer.global_step > 0:
             return
-        per_step = max(items * self.factor * trainer.world_size, 1.0)
+        per_step = max(float(items) * self.factor * trainer.world_size, 1.0)  # once per fit, under fp16 only
         current = scaler.get_scale() if scaler._scale is not None else scaler._init_scale
         new = float(2.0 ** max(math.floor(math.log2(current / per_step)), 0))
         if new >= current:
@@ -275,25 +275,31 @@ class AccumulationScheduler(Callback):
         # window) and DDP averaged over ranks; undo both and apply the intended normalisation.
         if self._window_batches == 0:
             return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if self.normalize == "mean":
             scale = self.factor / self._window_batches
             self.last_items = 0
+            if scale != 1.0 and grads:
+                torch._foreach_mul_(grads, scale)
         else:
+            # Stays on the device: reading the count (float(items)) would stall the host once per step.
             items = torch.as_tensor(self._window_items, dtype=torch.float64, device=pl_module.device)
             world = trainer.world_size
             if world > 1 and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(items)
-            total = float(items)
-            self.last_items = int(total)
-            scale = self.factor * world / total if total > 0 else 1.0
-        if scale != 1.0:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, scale)
-        pl_module.log("accumulation/factor", float(self.factor), on_step=True, on_epoch=False)
-        pl_module.log("accumulation/micro_batches", float(self._window_batches), on_step=True, on_epoch=False)
+            self.last_items = items
+            factor = torch.where(items > 0, (self.factor * world) / items.clamp_min(1.0), torch.ones_like(items))
+            for dtype in {g.dtype for g in grads}:
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], factor.to(dtype))
+        # Logged as device tensors made by a fill kernel: Lightning would copy a Python number to the device with a
+        # blocking copy, a host-device sync per optimizer step.
+        device = pl_module.device
+        factor_value = torch.full((), float(self.factor), device=device)
+        batches_value = torch.full((), float(self._window_batches), device=device)
+        pl_module.log("accumulation/factor", factor_value, on_step=True, on_epoch=False)
+        pl_module.log("accumulation/micro_batches", batches_value, on_step=True, on_epoch=False)
         if self.normalize == "tokens":
-            pl_module.log("accumulation/items", float(self.last_items), on_step=True, on_epoch=False)
+            pl_module.log("accumulation/items", self.last_items, on_step=True, on_epoch=False)
         self.optimizer_steps += 1
         self._window_batches = 0
         self._window_items = 0

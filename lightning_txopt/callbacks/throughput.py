@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
-__all__ = ["TokenThroughputMonitor", "batch_token_counts"]
+__all__ = ["TokenThroughputMonitor", "batch_token_counts", "device_token_counts"]
 
 
 def batch_token_counts(batch: Any) -> tuple[int, int, int]:
@@ -26,12 +26,27 @@ def batch_token_counts(batch: Any) -> tuple[int, int, int]:
         >>> batch_token_counts(batch)
         (4, 8, 2)
     """
+    real, processed, samples = device_token_counts(batch)
+    return int(real), processed, samples
+
+
+def device_token_counts(batch: Any) -> tuple[int | torch.Tensor, int, int]:
+    """:func:`batch_token_counts` without reading the device: the real-token count stays a tensor where the batch is.
+
+    ``TokenThroughputMonitor`` sums these on the device and reads them only when it logs: an ``int()`` of a CUDA
+    tensor every step would stall the host until the GPU caught up.
+
+    Example:
+        >>> device_token_counts({"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 0, 0]] * 2)})
+        (tensor(4), 8, 2)
+    """
     ids = batch["input_ids"]
     processed = ids.numel()
+    real: int | torch.Tensor
     if "attention_mask" in batch and batch["attention_mask"].dim() == ids.dim():
-        real = int(batch["attention_mask"].sum())
+        real = batch["attention_mask"].sum()
     elif "cu_seq_lens" in batch:
-        real = int(batch["cu_seq_lens"][-1])
+        real = batch["cu_seq_lens"][-1]
     else:
         real = processed
     samples = int(batch["cu_seq_lens"].numel() - 1) if "cu_seq_lens" in batch else int(ids.shape[0])
@@ -57,7 +72,8 @@ class TokenThroughputMonitor(Callback):
         log_every_n_steps: Log after this many optimizer steps.
         flops_per_token: Training FLOPs per real token; ``"auto"`` asks the LightningModule's ``flops_per_token()``
             (``TransformerModule`` has one) and skips MFU otherwise.
-        count_tokens: Function of a batch giving ``(real, processed, samples)``; default :func:`batch_token_counts`.
+        count_tokens: Function of a batch giving ``(real, processed, samples)`` as integers or 0-dim tensors (summed
+            where they are, read only when logging); default :func:`device_token_counts`.
 
     Raises:
         ValueError: If ``log_every_n_steps < 1``.
@@ -68,7 +84,7 @@ class TokenThroughputMonitor(Callback):
         log_every_n_steps: int = 10,
         *,
         flops_per_token: float | str | None = "auto",
-        count_tokens: Callable[[Any], tuple[int, int, int]] | None = None,
+        count_tokens: Callable[[Any], tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]] | None = None,
     ) -> None:
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"`log_every_n_steps` must be a positive integer, got {log_every_n_steps!r}.")
@@ -76,8 +92,8 @@ class TokenThroughputMonitor(Callback):
             raise ValueError(f"`flops_per_token` must be a number, 'auto' or None, got {flops_per_token!r}.")
         self.log_every_n_steps = log_every_n_steps
         self.flops_per_token = flops_per_token
-        self.count_tokens = count_tokens or batch_token_counts
-        self._local = [0, 0, 0]  # real, processed, samples since the last log, this rank
+        self.count_tokens = count_tokens or device_token_counts
+        self._local: list[int | torch.Tensor] = [0, 0, 0]  # real, processed, samples since the last log, this rank
         self.totals = {"real_tokens": 0, "processed_tokens": 0, "samples": 0}
         self.last: dict[str, float] = {}
         self.train_seconds = 0.0
@@ -106,7 +122,7 @@ class TokenThroughputMonitor(Callback):
             if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
         for i, value in enumerate(self.count_tokens(batch)):
-            self._local[i] += int(value)
+            self._local[i] = self._local[i] + (value.detach() if isinstance(value, torch.Tensor) else int(value))
 
     @override
     def on_train_batch_end(
@@ -180,7 +196,8 @@ class TokenThroughputMonitor(Callback):
 
     def _global_counts(self, trainer: pl.Trainer) -> tuple[float, float, float]:
         """This window's counts summed over all ranks (torchmetrics' all-gather; every rank gets the sums)."""
-        local = torch.tensor(self._local, dtype=torch.float64, device=trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in self._local])
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             local = torch.stack(gather_all_tensors(local)).sum(0)
         real, processed, samples = (float(v) for v in local.tolist())

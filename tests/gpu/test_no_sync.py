@@ -1,0 +1,68 @@
+"""Training steps queue GPU work without waiting for it: no host-device synchronisation inside a step.
+
+A read of a device value (``int(t)``, ``t.item()``) or a blocking copy of a Python number to the device makes the host
+wait for the GPU every step, so the GPU idles while the next step is launched. CUDA's sync debug mode turns any such
+call into an error. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_txopt.callbacks import AccumulationScheduler, TokenThroughputMonitor
+from lightning_txopt.data import BucketDataModule
+from lightning_txopt.module import TransformerModule
+from tests.helpers import BERT_DICT, make_samples
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+class SyncGuard(pl.Callback):
+    """Errors on synchronising CUDA calls from the start of batch ``first`` until the epoch ends."""
+
+    def __init__(self, first: int = 3) -> None:
+        self.first = first
+        self.guarded = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.first:
+            torch.cuda.set_sync_debug_mode("error")
+        if batch_idx >= self.first:
+            self.guarded += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode(0)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("normalize", ["mean", "tokens"])
+def test_training_steps_do_not_synchronise(normalize):
+    guard = SyncGuard()
+    dm = BucketDataModule(make_samples(600, seed=1), pad_token_id=0, max_tokens=256)
+    module = TransformerModule(config=BERT_DICT, num_labels=3)
+    trainer = pl.Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=8,
+        log_every_n_steps=1000,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        # the guard first: it must switch the debug mode off before the monitor reads its counts at the end
+        callbacks=[
+            guard,
+            TokenThroughputMonitor(log_every_n_steps=10**6),
+            AccumulationScheduler({0: 2}, normalize=normalize),
+        ],
+    )
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.global_step == 8
+    assert guard.guarded >= 10  # batches 3..15 ran under the guard
