@@ -24,7 +24,15 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from _common import RECORDED_LENGTHS, environment, markdown_table
+from _common import (
+    RECORDED_LENGTHS,
+    environment,
+    hf_sampling_kwargs,
+    hf_training_arguments,
+    markdown_table,
+    synced_time,
+    write_outputs,
+)
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from lightning_txopt import load_fortunes
@@ -60,20 +68,15 @@ def bert_config(args: argparse.Namespace) -> BertConfig:
 class _Window:
     """Times steps warmup+1 .. warmup+steps and counts their tokens."""
 
-    def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
-        self.warmup, self.steps, self.cuda = warmup, steps, cuda
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
         self.t0 = self.t1 = 0.0
         self.real = self.processed = self.samples = 0
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     def batch(self, step: int, batch: dict[str, torch.Tensor]) -> None:
         """Call before step ``step`` (0-based) runs on ``batch``."""
         if step == self.warmup:
-            self.t0 = self.now()
+            self.t0 = synced_time()
         if self.warmup <= step < self.warmup + self.steps:
             mask = batch["attention_mask"]
             self.real += int(mask.sum()) if mask.dim() == 2 else int(batch["cu_seq_lens"][-1])
@@ -81,7 +84,7 @@ class _Window:
             self.samples += int(batch["labels"].shape[0])
 
     def end(self) -> None:
-        self.t1 = self.now()
+        self.t1 = synced_time()
 
     def row(self, name: str, peak: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         seconds = max(self.t1 - self.t0, 1e-9)
@@ -109,19 +112,6 @@ def _peak(cuda: bool) -> float:
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face Trainer
-def _sampling_kwargs(strategy: str) -> dict[str, Any]:
-    """TrainingArguments for a sampling strategy, across transformers releases (None: not available)."""
-    from transformers import TrainingArguments
-
-    fields = TrainingArguments.__dataclass_fields__
-    if "train_sampling_strategy" in fields:  # transformers >= 5.2x
-        choices = fields["train_sampling_strategy"].metadata.get("choices", [])
-        return {"train_sampling_strategy": strategy} if strategy in choices else {}
-    if strategy == "group_by_length" and "group_by_length" in fields:
-        return {"group_by_length": True}
-    return {}
-
-
 def hf_trainer_row(
     name: str,
     samples: list[dict],
@@ -134,10 +124,10 @@ def hf_trainer_row(
     checkpointing: bool = False,
     extra_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     cuda = torch.cuda.is_available()
-    window = _Window(args.warmup, args.steps, cuda)
+    window = _Window(args.warmup, args.steps)
     collate = PaddingCollator(
         0, padding="max_length" if fixed else "longest", max_length=512, pad_to_multiple_of=multiple_of
     )
@@ -157,24 +147,15 @@ def hf_trainer_row(
     model = AutoModelForSequenceClassification.from_config(bert_config(args), attn_implementation="sdpa")
     sampling = dict(extra_args or {})
     if group_by_length and not sampling:
-        sampling = _sampling_kwargs("group_by_length")
+        sampling = hf_sampling_kwargs("group_by_length")
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(
-            output_dir=out,
+        targs = hf_training_arguments(
+            out,
             per_device_train_batch_size=32,
             max_steps=args.warmup + args.steps,
             learning_rate=5e-5,
-            bf16=bf16 and cuda,
+            bf16=bf16,
             gradient_checkpointing=checkpointing,
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            optim="adamw_torch_fused" if cuda else "adamw_torch",
-            seed=0,
-            use_cpu=not cuda,
-            disable_tqdm=True,
             **sampling,
         )
         _reset_memory(cuda)
@@ -211,7 +192,7 @@ def plain_loop_row(
     """``trainer_batches``: iterate the HF Trainer's length-grouped batches of 32 (multiple of 8) instead of ours."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    window = _Window(args.warmup, args.steps, cuda)
+    window = _Window(args.warmup, args.steps)
     lengths = np.array([len(s["input_ids"]) for s in samples])
     sampler: Any = (
         _TrainerGroupedBatches(lengths)
@@ -357,7 +338,7 @@ def lightning_row(
     batch dimension). ``warmup`` overrides ``--warmup`` (compiled rows warm up over a whole epoch of shapes)."""
     cuda = torch.cuda.is_available()
     warm = args.warmup if warmup is None else warmup
-    window = _Window(warm, args.steps, cuda)
+    window = _Window(warm, args.steps)
     budget = max_tokens or args.max_tokens
     dm = BucketDataModule(
         samples,
@@ -497,7 +478,7 @@ def build_rows(args: argparse.Namespace, samples: list[dict]) -> list[tuple[str,
         (f"{GROUPED}, multiple of 8, batch 32", hf_trainer_row, grouped),
         ("HF Trainer: group_by_length + gradient checkpointing", hf_trainer_row, dict(grouped, checkpointing=True)),
     ]
-    rebalance = _sampling_kwargs("batch_rebalance")
+    rebalance = hf_sampling_kwargs("batch_rebalance")
     if rebalance:  # only recent transformers releases have it
         rows.append(
             (
@@ -628,11 +609,7 @@ def main() -> None:
     if plain_runs and lightning_runs:
         ratios = [a["real_tokens_per_s"] / b["real_tokens_per_s"] for a, b in zip(lightning_runs, plain_runs)]
         result["lightning_over_plain_loop"] = {"pairs": ratios, "median": statistics.median(ratios)}
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.chart:
-        chart(result, args.chart)
+    write_outputs(result, report(result), args.json, args.chart, chart)
 
 
 def report(result: dict[str, Any]) -> str:

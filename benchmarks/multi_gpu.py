@@ -39,7 +39,7 @@ class _RankWindow(pl.Callback):
         self.batches = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.window = _Window(self.warmup, self.steps, trainer.strategy.root_device.type == "cuda")
+        self.window = _Window(self.warmup, self.steps)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
         assert self.window is not None

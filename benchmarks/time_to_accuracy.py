@@ -35,7 +35,14 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from _common import environment, markdown_table
+from _common import (
+    environment,
+    hf_sampling_kwargs,
+    hf_training_arguments,
+    markdown_table,
+    synced_time,
+    write_outputs,
+)
 
 from lightning_txopt.callbacks import FreezeEmbeddings
 from lightning_txopt.data import BucketDataModule, PaddingCollator, TextDataModule
@@ -80,26 +87,19 @@ def load_classifier(path: str, num_labels: int) -> Any:
     )
 
 
-def _sync() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 # ------------------------------------------------------------------------------------------ Hugging Face Trainer
 def trainer_recipe(path: str, data: dict[str, list[dict]], num_labels: int, args: argparse.Namespace) -> dict:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
-    cuda = torch.cuda.is_available()
     curve: list[dict[str, float]] = []
     clock = {"train": 0.0, "epoch_start": 0.0}
 
     class Clock(TrainerCallback):
         def on_epoch_begin(self, *a: Any, **k: Any) -> None:
-            clock["epoch_start"] = _sync()
+            clock["epoch_start"] = synced_time()
 
         def on_epoch_end(self, *a: Any, **k: Any) -> None:  # evaluation runs after this hook
-            clock["train"] += _sync() - clock["epoch_start"]
+            clock["train"] += synced_time() - clock["epoch_start"]
 
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **k: Any) -> None:
             curve.append(
@@ -111,26 +111,17 @@ def trainer_recipe(path: str, data: dict[str, list[dict]], num_labels: int, args
 
     model = load_classifier(path, num_labels)
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(
-            output_dir=out,
+        targs = hf_training_arguments(
+            out,
             per_device_train_batch_size=32,
             per_device_eval_batch_size=64,
             num_train_epochs=args.trainer_epochs,
             max_steps=args.max_steps or -1,
             learning_rate=5e-5,
             weight_decay=0.01,
-            bf16=cuda,
+            bf16=True,
             eval_strategy="epoch",
-            save_strategy="no",
-            logging_strategy="no",
-            report_to=[],
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            optim="adamw_torch_fused" if cuda else "adamw_torch",
-            seed=0,
-            use_cpu=not cuda,
-            disable_tqdm=True,
-            **_group_by_length(),
+            **hf_sampling_kwargs("group_by_length"),
         )
         start = time.perf_counter()
         Trainer(
@@ -147,15 +138,6 @@ def trainer_recipe(path: str, data: dict[str, list[dict]], num_labels: int, args
     return {"recipe": "HF Trainer", "curve": curve, "train_seconds": clock["train"], "wall_seconds": wall}
 
 
-def _group_by_length() -> dict[str, Any]:
-    from transformers import TrainingArguments
-
-    fields = TrainingArguments.__dataclass_fields__
-    if "train_sampling_strategy" in fields:
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True}
-
-
 # ------------------------------------------------------------------------------------------ lightning_txopt
 class _Curve(pl.Callback):
     """Training time (validation excluded) and validation accuracy at each validation."""
@@ -166,13 +148,13 @@ class _Curve(pl.Callback):
         self.val_seconds = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = _sync()
+        self.start = synced_time()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.val_start = _sync()
+        self.val_start = synced_time()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        now = _sync()
+        now = synced_time()
         self.val_seconds += now - self.val_start
         train = now - self.start - self.val_seconds
         epoch = trainer.current_epoch + (
@@ -183,7 +165,7 @@ class _Curve(pl.Callback):
         )
 
     def train_seconds(self) -> float:
-        return _sync() - self.start - self.val_seconds
+        return synced_time() - self.start - self.val_seconds
 
 
 def txopt_recipe(
@@ -301,11 +283,7 @@ def main() -> None:
         "trainer_train_seconds": runs[0]["train_seconds"],
         "settings": vars(args),
     }
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.chart:
-        chart(result, args.chart)
+    write_outputs(result, report(result), args.json, args.chart, chart)
 
 
 def report(result: dict[str, Any]) -> str:

@@ -288,9 +288,9 @@ class AccumulationScheduler(Callback):
             if world > 1 and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(items)
             self.last_items = items
-            factor = torch.where(items > 0, (self.factor * world) / items.clamp_min(1.0), torch.ones_like(items))
+            scale_t = torch.where(items > 0, (self.factor * world) / items.clamp_min(1.0), torch.ones_like(items))
             for dtype in {g.dtype for g in grads}:
-                torch._foreach_mul_([g for g in grads if g.dtype == dtype], factor.to(dtype))
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], scale_t.to(dtype))
         # Logged as device tensors made by a fill kernel: Lightning would copy a Python number to the device with a
         # blocking copy, a host-device sync per optimizer step.
         device = pl_module.device
