@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_txopt.callbacks import AccumulationScheduler, TokenThroughputMonitor
+from lightning_txopt.callbacks import AccumulationScheduler, FreezeEmbeddings, TokenThroughputMonitor
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule
 from tests.helpers import BERT_DICT, make_samples
@@ -56,6 +56,7 @@ def test_training_steps_do_not_synchronise(normalize):
         # the guard first: it must switch the debug mode off before the monitor reads its counts at the end
         callbacks=[
             guard,
+            FreezeEmbeddings(),
             TokenThroughputMonitor(log_every_n_steps=10**6),
             AccumulationScheduler({0: 2}, normalize=normalize),
         ],
