@@ -175,7 +175,13 @@ class _Curve(pl.Callback):
 
 
 def txopt_recipe(
-    path: str, data: dict[str, list[dict]], num_labels: int, args: argparse.Namespace, max_tokens: int, lr: float
+    path: str,
+    data: dict[str, list[dict]],
+    num_labels: int,
+    args: argparse.Namespace,
+    max_tokens: int,
+    lr: float,
+    head_lr_factor: float = 1.0,
 ) -> dict:
     cuda = torch.cuda.is_available()
     dm = BucketDataModule(
@@ -187,7 +193,7 @@ def txopt_recipe(
         seed=0,
     )
     torch.manual_seed(0)  # the same classifier head as the Trainer's
-    module = TransformerModule(path, num_labels=num_labels, learning_rate=lr)
+    module = TransformerModule(path, num_labels=num_labels, learning_rate=lr, head_lr_factor=head_lr_factor)
     curve = _Curve()
     trainer = pl.Trainer(
         accelerator="cuda" if cuda else "cpu",
@@ -206,7 +212,8 @@ def txopt_recipe(
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - start
-    name = f"lightning_txopt (max_tokens={max_tokens}, lr={lr:g})"
+    head = f", head x{head_lr_factor:g}" if head_lr_factor != 1 else ""
+    name = f"lightning_txopt (max_tokens={max_tokens}, lr={lr:g}{head})"
     result = {
         "recipe": name,
         "curve": curve.curve,
@@ -250,6 +257,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[4096, 8192], help="one run per value")
     parser.add_argument("--lr", type=float, nargs="+", default=[2e-4, 3e-4], help="with each --max-tokens")
     parser.add_argument(
+        "--head-lr-factor", type=float, nargs="+", default=[1.0], help="with each --max-tokens (one value: for all)"
+    )
+    parser.add_argument(
         "--ladder", type=int, nargs="*", default=[16, 32, 64, 128, 256, 512], help="pad_to_lengths (none: off)"
     )
     parser.add_argument("--max-steps", type=int, default=0, help="cap both runs (smoke runs)")
@@ -280,10 +290,13 @@ def main() -> None:
     num_labels = tm.num_labels
     if len(args.lr) != len(args.max_tokens):
         parser.error("give one --lr per --max-tokens")
+    heads = args.head_lr_factor * len(args.max_tokens) if len(args.head_lr_factor) == 1 else args.head_lr_factor
+    if len(heads) != len(args.max_tokens):
+        parser.error("give one --head-lr-factor, or one per --max-tokens")
     runs = [trainer_recipe(path, data, num_labels, args)]
-    for max_tokens, lr in zip(args.max_tokens, args.lr):
+    for max_tokens, lr, head in zip(args.max_tokens, args.lr, heads):
         gc.collect()
-        runs.append(txopt_recipe(path, data, num_labels, args, max_tokens, lr))
+        runs.append(txopt_recipe(path, data, num_labels, args, max_tokens, lr, head))
     target = runs[0]["curve"][-1]["val_acc"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     header = (

@@ -89,6 +89,34 @@ def test_optimizer_groups_and_schedule_use_true_step_count():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 at the true last step
 
 
+def test_head_lr_factor_gives_the_head_its_own_groups_on_the_same_schedule():
+    """The head (outside ``base_model``) gets ``lr * factor`` in groups of its own; the schedule scales every group
+    alike."""
+    module = TransformerModule(config=BERT, num_labels=3, learning_rate=1e-3, head_lr_factor=10.0, warmup=10)
+    assert module.head_parameter_names() == {"model.classifier.weight", "model.classifier.bias"}
+    dm = BucketDataModule(make_samples(40, seed=1), pad_token_id=0, batch_size=8)
+    trainer = cpu_trainer(max_steps=3)
+    torch.manual_seed(0)
+    trainer.fit(module, datamodule=dm)
+    groups = trainer.optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0, 0.01, 0.0]
+    head = {id(p) for g in groups[2:] for p in g["params"]}
+    assert head == {id(module.model.classifier.weight), id(module.model.classifier.bias)}
+    assert not head & {id(p) for g in groups[:2] for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len([p for p in module.parameters() if p.requires_grad])
+    lrs = trainer.lr_scheduler_configs[0].scheduler.base_lrs
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+    assert [g["lr"] for g in groups] == pytest.approx([3e-4, 3e-4, 3e-3, 3e-3])  # step 3 of a 10-step warm-up
+
+
+def test_head_of_a_tied_causal_lm_is_empty_and_factor_is_checked():
+    module = TransformerModule(config=GPT2, task="causal-lm", head_lr_factor=5.0)
+    assert module.head_parameter_names() == set()  # lm_head is the input embedding matrix
+    assert len(module.optimizer_groups()) == 2
+    with pytest.raises(ValueError, match="head_lr_factor"):
+        TransformerModule(config=BERT, num_labels=3, head_lr_factor=0.0)
+
+
 def test_linear_warmup_decay_shape():
     f = linear_warmup_decay(10, 110)
     assert f(0) == 0 and f(10) == 1 and f(60) == pytest.approx(0.5) and f(110) == 0
