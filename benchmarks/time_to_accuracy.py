@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -232,8 +233,10 @@ def chart(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run, color in zip(result["runs"], ("#8c8c8c", "#4c72b0", "#55a868", "#c44e52")):
+    fig, ax = plt.subplots(figsize=(7.5, 4.4 + 0.14 * len(result["runs"])))
+    palette = ("#4c72b0", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974")
+    colors = ["#8c8c8c", *(palette[i % len(palette)] for i in range(len(result["runs"]) - 1))]  # the Trainer: grey
+    for run, color in zip(result["runs"], colors):
         xs = [p["train_seconds"] for p in run["curve"]]
         ys = [p["val_acc"] for p in run["curve"]]
         ax.plot(xs, ys, marker="o", color=color, label=run["recipe"])
@@ -241,8 +244,8 @@ def chart(result: dict[str, Any], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training time, s (log scale; evaluation excluded)")
     ax.set_ylabel("validation accuracy")
-    ax.legend(loc="lower right")
-    ax.set_title(result["header"], fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
+    ax.set_title("\n".join(textwrap.wrap(result["header"], 100)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -273,10 +276,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="400 texts, 1 epoch each: a CPU smoke run")
     parser.add_argument("--json", default=None)
     parser.add_argument("--chart", default=None)
-    parser.add_argument("--report-from", default=None, help="only print the report of an earlier --json file")
+    parser.add_argument(
+        "--report-from", default=None, help="only print the report of an earlier --json file (and draw --chart)"
+    )
     args = parser.parse_args()
-    if args.report_from:
-        print(report(json.loads(Path(args.report_from).read_text())))
+    if args.report_from:  # with --chart: redraw the chart too
+        saved = json.loads(Path(args.report_from).read_text())
+        print(report(saved))
+        if args.chart:
+            chart(saved, args.chart)
         return
     path = args.model or default_model()
     if args.export_bf16:
