@@ -234,8 +234,9 @@ class TransformerModule(pl.LightningModule):
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """AdamW parameter groups: weight decay on weight matrices only (not biases, norms or embeddings' norms).
 
-        Groups with no parameters are left out; with ``head_lr_factor != 1`` the head's parameters get groups of
-        their own with ``lr = learning_rate * head_lr_factor``.
+        The first group (backbone, with weight decay) is always there; other groups only when they have parameters.
+        With ``head_lr_factor != 1`` the head's parameters get groups of their own with
+        ``lr = learning_rate * head_lr_factor``.
         """
         head = self.head_parameter_names() if self.head_lr_factor != 1.0 else set()
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
