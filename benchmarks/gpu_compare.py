@@ -4,8 +4,8 @@
     python benchmarks/gpu_compare.py --quick                                       # CPU smoke run
 
 All rows train a random-init BERT-base shape (12 layers, 768 hidden) sequence classifier (40 classes) on the
-embedded corpus, for the same number of optimizer steps after a warm-up, and report real (non-pad) tokens/s,
-samples/s, padding efficiency and peak memory. The token ids are random with each text's real BERT-uncased length
+embedded corpus, for the same number of batches after a warm-up (an optimizer step each; every second one in the
+accumulation row), and report real (non-pad) tokens/s, samples/s, padding efficiency and peak memory. The token ids are random with each text's real BERT-uncased length
 (``tests/data/fortune_lengths.npy``) and its real label: throughput depends on the lengths only.
 """
 
@@ -36,7 +36,13 @@ from _common import (
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from lightning_txopt import load_fortunes
-from lightning_txopt.callbacks import FreezeEmbeddings, GradientCheckpointing
+from lightning_txopt.callbacks import (
+    AccumulationScheduler,
+    FreezeEmbeddings,
+    GradientCheckpointing,
+    ParameterSharing,
+    TokenThroughputMonitor,
+)
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
 from lightning_txopt.module import TransformerModule
 
@@ -332,12 +338,17 @@ def lightning_row(
     pad_to_lengths: list[int] | None = None,
     compile: str | None = None,
     warmup: int | None = None,
+    accumulate: int = 1,
 ) -> dict[str, Any]:
     """One Lightning run. ``compile``: ``None`` (eager), ``"default"`` (``model.compile()``: dynamo specialises on the
     first shape, then recompiles with dynamic shapes) or ``"ladder"`` (static widths from ``pad_to_lengths``, dynamic
-    batch dimension). ``warmup`` overrides ``--warmup`` (compiled rows warm up over a whole epoch of shapes)."""
+    batch dimension). ``warmup`` overrides ``--warmup`` (compiled rows warm up over a whole epoch of shapes).
+    ``accumulate``: batches per optimizer step (an ``AccumulationScheduler`` among ``callbacks`` must say the same):
+    the row still times ``--steps`` batches, so its tokens/s compare with the other rows'."""
     cuda = torch.cuda.is_available()
     warm = args.warmup if warmup is None else warmup
+    if (warm + args.steps) % accumulate:
+        raise ValueError(f"warm-up + steps ({warm} + {args.steps}) must be a multiple of accumulate={accumulate}.")
     window = _Window(warm, args.steps)
     budget = max_tokens or args.max_tokens
     dm = BucketDataModule(
@@ -365,7 +376,7 @@ def lightning_row(
         accelerator="cuda" if cuda else "cpu",
         devices=1,
         precision="bf16-mixed" if cuda else "32-true",
-        max_steps=warm + args.steps,
+        max_steps=(warm + args.steps) // accumulate,
         callbacks=[*(callbacks or []), *extra, _LightningWindow(window, counter)],
         logger=False,
         enable_checkpointing=False,
@@ -470,6 +481,7 @@ def matched_memory_row(name: str, samples: list[dict], args: argparse.Namespace)
 def build_rows(args: argparse.Namespace, samples: list[dict]) -> list[tuple[str, Any, dict[str, Any]]]:
     """(row name, row function, its keyword arguments): each row is named once."""
     T = args.max_tokens
+    unique = max(1, bert_config(args).num_hidden_layers // 3)  # ALBERT-like sharing: 4 unique layers of BERT-base's 12
     hf = dict(fixed=False, bf16=True)
     grouped = dict(hf, group_by_length=True, multiple_of=8)
     rows: list[tuple[str, Any, dict[str, Any]]] = [
@@ -507,6 +519,17 @@ def build_rows(args: argparse.Namespace, samples: list[dict]) -> list[tuple[str,
             "lightning_txopt: + FreezeEmbeddings + GradientCheckpointing",
             lightning_row,
             dict(callbacks=[FreezeEmbeddings(), GradientCheckpointing()]),
+        ),
+        ("lightning_txopt: + TokenThroughputMonitor", lightning_row, dict(callbacks=[TokenThroughputMonitor()])),
+        (
+            'lightning_txopt: + AccumulationScheduler({0: 2}, normalize="tokens"), tokens/s per batch',
+            lightning_row,
+            dict(callbacks=[AccumulationScheduler({0: 2}, normalize="tokens")], accumulate=2),
+        ),
+        (
+            f'lightning_txopt: + ParameterSharing({unique}, strategy="cycle_rev")',
+            lightning_row,
+            dict(callbacks=[ParameterSharing(unique, strategy="cycle_rev")]),
         ),
         (
             f"lightning_txopt: packed rows of 512, max_tokens={T}, bf16-mixed",
