@@ -5,8 +5,9 @@
 
 All rows train a random-init BERT-base shape (12 layers, 768 hidden) sequence classifier (40 classes) on the
 embedded corpus, for the same number of batches after a warm-up (an optimizer step each; every second one in the
-accumulation row), and report real (non-pad) tokens/s, samples/s, padding efficiency and peak memory. The token ids are random with each text's real BERT-uncased length
-(``tests/data/fortune_lengths.npy``) and its real label: throughput depends on the lengths only.
+accumulation row), and report real (non-pad) tokens/s, samples/s, padding efficiency and peak memory. The token ids
+are random with each text's real BERT-uncased length (``tests/data/fortune_lengths.npy``) and its real label:
+throughput depends on the lengths only.
 """
 
 from __future__ import annotations
