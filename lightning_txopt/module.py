@@ -239,22 +239,24 @@ class TransformerModule(pl.LightningModule):
         ``lr = learning_rate * head_lr_factor``.
         """
         head = self.head_parameter_names() if self.head_lr_factor != 1.0 else set()
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        # (in head, decays) -> parameters, in group order
+        buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {
+            (False, True): [],
+            (False, False): [],
+            (True, True): [],
+            (True, False): [],
+        }
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            decays = not (p.ndim < 2 or "norm" in name.lower())
-            groups.setdefault((name in head, decays), []).append(p)
-        out = []
-        for in_head, decays in ((False, True), (False, False), (True, True), (True, False)):
-            params = groups.get((in_head, decays))
-            if not params and (in_head or not decays):
-                continue
-            group: dict[str, Any] = {"params": params or [], "weight_decay": self.weight_decay if decays else 0.0}
-            if in_head:
-                group["lr"] = self.learning_rate * self.head_lr_factor
-            out.append(group)
-        return out
+            if p.requires_grad:
+                buckets[(name in head, not (p.ndim < 2 or "norm" in name.lower()))].append(p)
+        groups = []
+        for (in_head, decays), params in buckets.items():
+            if params or (not in_head and decays):  # the first group always exists
+                group: dict[str, Any] = {"params": params, "weight_decay": self.weight_decay if decays else 0.0}
+                if in_head:
+                    group["lr"] = self.learning_rate * self.head_lr_factor
+                groups.append(group)
+        return groups
 
     @override
     def configure_optimizers(self) -> Any:

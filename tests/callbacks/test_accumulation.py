@@ -91,6 +91,22 @@ def _windows(snapshots: list[tuple[int, dict]]) -> list[tuple[int, int, dict, di
     return out
 
 
+def _synced_windows(record_dir: Any) -> list[tuple[dict, dict, list[dict], list[dict]]]:
+    """The optimizer steps two recorded ranks ran: ``(weights before, after, rank 0's micro-batches, rank 1's)``.
+
+    Asserts that both ranks stepped the same number of times (at least twice) and hold identical weights after each.
+    """
+    ranks = [torch.load(Path(record_dir) / f"rank{r}.pt") for r in range(2)]
+    windows = [_windows(r["snapshots"]) for r in ranks]
+    assert len(windows[0]) == len(windows[1]) >= 2
+    out = []
+    for (s0, e0, before, after), (s1, e1, _, after1) in zip(windows[0], windows[1]):
+        for k in after:
+            torch.testing.assert_close(after[k], after1[k], rtol=0, atol=0)  # ranks in sync
+        out.append((before, after, ranks[0]["micro"][s0:e0], ranks[1]["micro"][s1:e1]))
+    return out
+
+
 def _reference_grad(params: dict, micro: list[dict], normalize: str) -> dict[str, torch.Tensor]:
     module = SumLossModule(reduction="sum" if normalize == "tokens" else "mean")
     module.model.load_state_dict(params, strict=False)
@@ -240,19 +256,13 @@ def test_two_ranks_step_is_the_global_window_gradient(tmp_path, normalize):
         max_epochs=1, devices=2, strategy="ddp_spawn", callbacks=[AccumulationScheduler({0: 2}, normalize=normalize)]
     )
     trainer.fit(module, datamodule=_dm())
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    windows = [_windows(r["snapshots"]) for r in ranks]
-    assert len(windows[0]) == len(windows[1]) >= 2
-    for (s0, e0, before, after), (s1, e1, _, after1) in zip(windows[0], windows[1]):
-        for k in after:
-            torch.testing.assert_close(after[k], after1[k], rtol=0, atol=0)  # ranks in sync
-        micro = ranks[0]["micro"][s0:e0] + ranks[1]["micro"][s1:e1]
+    for before, after, micro0, micro1 in _synced_windows(tmp_path):
         if normalize == "mean":  # mean over ranks of per-rank means over micro-batches
-            ref0 = _reference_grad(before, ranks[0]["micro"][s0:e0], "mean")
-            ref1 = _reference_grad(before, ranks[1]["micro"][s1:e1], "mean")
+            ref0 = _reference_grad(before, micro0, "mean")
+            ref1 = _reference_grad(before, micro1, "mean")
             ref = {k: (ref0[k] + ref1[k]) / 2 for k in ref0}
         else:
-            ref = _reference_grad(before, micro, "tokens")
+            ref = _reference_grad(before, micro0 + micro1, "tokens")
         for name, g in ref.items():
             torch.testing.assert_close(before[name] - after[name], g, rtol=1e-5, atol=1e-7)
 
