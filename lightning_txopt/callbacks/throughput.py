@@ -62,7 +62,8 @@ class TokenThroughputMonitor(Callback):
     * ``throughput/real_tokens_per_sec`` and ``throughput/processed_tokens_per_sec`` (padding included),
     * ``throughput/padding_fraction`` = 1 - real / processed,
     * ``throughput/samples_per_sec``,
-    * ``throughput/peak_memory_mib`` (CUDA, this rank's peak since the last log),
+    * ``throughput/peak_memory_mib`` (CUDA, this rank's ``torch.cuda.max_memory_allocated``: the peak since the
+      process started or user code last reset it; with ``reset_peak_memory=True``, the peak since the last log),
     * ``throughput/mfu`` when ``flops_per_token`` is known and the device's peak FLOP/s is known to Lightning.
 
     Lightning's ``ThroughputMonitor`` counts padding as work and assumes a constant batch; this one counts what is in
@@ -74,9 +75,14 @@ class TokenThroughputMonitor(Callback):
             (``TransformerModule`` has one) and skips MFU otherwise.
         count_tokens: Function of a batch giving ``(real, processed, samples)`` as integers or 0-dim tensors (summed
             where they are, read only when logging); default :func:`device_token_counts`.
+        reset_peak_memory: Reset CUDA's peak-memory counter when training starts and after each log, so that
+            ``peak_memory_mib`` is each window's peak. The counter is process-wide: resetting it changes what every
+            other reader of ``torch.cuda.max_memory_allocated`` sees (a benchmark's own measurement, another
+            callback), so the default leaves it alone.
 
     Raises:
-        ValueError: If ``log_every_n_steps < 1``.
+        ValueError: If ``log_every_n_steps < 1``, ``flops_per_token`` is another string than ``"auto"`` or
+            ``reset_peak_memory`` is not a bool.
     """
 
     def __init__(
@@ -85,14 +91,18 @@ class TokenThroughputMonitor(Callback):
         *,
         flops_per_token: float | str | None = "auto",
         count_tokens: Callable[[Any], tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]] | None = None,
+        reset_peak_memory: bool = False,
     ) -> None:
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"`log_every_n_steps` must be a positive integer, got {log_every_n_steps!r}.")
         if isinstance(flops_per_token, str) and flops_per_token != "auto":
             raise ValueError(f"`flops_per_token` must be a number, 'auto' or None, got {flops_per_token!r}.")
+        if not isinstance(reset_peak_memory, bool):
+            raise ValueError(f"`reset_peak_memory` must be True or False, got {reset_peak_memory!r}.")
         self.log_every_n_steps = log_every_n_steps
         self.flops_per_token = flops_per_token
         self.count_tokens = count_tokens or device_token_counts
+        self.reset_peak_memory = reset_peak_memory
         self._local: list[int | torch.Tensor] = [0, 0, 0]  # real, processed, samples since the last log, this rank
         self.totals = {"real_tokens": 0, "processed_tokens": 0, "samples": 0}
         self.last: dict[str, float] = {}
@@ -119,7 +129,7 @@ class TokenThroughputMonitor(Callback):
             self._sync(trainer)
             self._t0 = time.perf_counter()
             self._last_step = trainer.global_step
-            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            if self.reset_peak_memory and trainer.strategy.root_device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
         for i, value in enumerate(self.count_tokens(batch)):
             self._local[i] = self._local[i] + (value.detach() if isinstance(value, torch.Tensor) else int(value))
@@ -164,7 +174,8 @@ class TokenThroughputMonitor(Callback):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             metrics["throughput/peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            torch.cuda.reset_peak_memory_stats(device)
+            if self.reset_peak_memory:
+                torch.cuda.reset_peak_memory_stats(device)
         mfu = self._mfu(trainer, pl_module, real / elapsed, processed / max(samples, 1))
         if mfu is not None:
             metrics["throughput/mfu"] = mfu

@@ -58,6 +58,8 @@ def test_argument_errors():
         TokenThroughputMonitor(log_every_n_steps=0)
     with pytest.raises(ValueError, match="flops_per_token"):
         TokenThroughputMonitor(flops_per_token="fast")
+    with pytest.raises(ValueError, match="reset_peak_memory"):
+        TokenThroughputMonitor(reset_peak_memory="yes")  # type: ignore[arg-type]
 
 
 class _Record(pl.Callback):
