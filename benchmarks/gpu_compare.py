@@ -565,6 +565,11 @@ def main() -> None:
         "--repeats", type=int, default=1, help="run the plain-loop and main Lightning rows this many times, alternating"
     )
     parser.add_argument(
+        "--repeat-all",
+        action="store_true",
+        help="with --repeats: repeat every selected row (ABBA order over all of them), not only the pair",
+    )
+    parser.add_argument(
         "--match-gib", type=float, default=None, help="peak memory to size a budget to (default: HF row)"
     )
     parser.add_argument("--compile", action="store_true", help="add the torch.compile rows (minutes of compilation)")
@@ -605,7 +610,7 @@ def main() -> None:
 
     # The plain loop and Lightning first, alternating in ABBA order (neither always runs first), before any other row
     # can leave state behind in the process; then every other row in table order.
-    pair = [r for r in todo if r[0].startswith((PLAIN, LIGHTNING))]
+    pair = todo if args.repeat_all else [r for r in todo if r[0].startswith((PLAIN, LIGHTNING))]
     for repeat in range(args.repeats):
         for name, fn, kwargs in pair if repeat % 2 == 0 else pair[::-1]:
             run(name, fn, kwargs)
@@ -626,7 +631,8 @@ def main() -> None:
         f"per row after {args.warmup} warm-up steps (every model: attn_implementation='sdpa')"
     )
     if args.repeats > 1:
-        header += f"; plain loop and Lightning rows: median of {args.repeats} runs in ABBA order"
+        repeated = "every row" if args.repeat_all else "plain loop and Lightning rows"
+        header += f"; {repeated}: median of {args.repeats} runs in ABBA order"
     result: dict[str, Any] = {"header": header, "environment": environment(), "rows": rows}
     plain_runs = next((v for k, v in runs.items() if k.startswith(PLAIN)), [])
     lightning_runs = next((v for k, v in runs.items() if k.startswith(LIGHTNING)), [])
