@@ -595,6 +595,12 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     todo = [r for r in build_rows(args, samples) if not only or any(r[0].startswith(p) for p in only)]
+    if not todo:
+        parser.error(f"--only {args.only!r} matches no row; rows: {[r[0] for r in build_rows(args, samples)]}")
+    for name, _, kwargs in todo:  # fail before any GPU time is spent, not when the row's turn comes
+        accumulate = kwargs.get("accumulate", 1)
+        if (kwargs.get("warmup", args.warmup) + args.steps) % accumulate:
+            parser.error(f"row {name!r}: --warmup + --steps must be a multiple of accumulate={accumulate}.")
     warm_up(samples, args)
     runs: dict[str, list[dict[str, Any]]] = {}
     order: list[str] = []
