@@ -654,8 +654,8 @@ def report(result: dict[str, Any]) -> str:
     ref = next((r for r in rows if r["row"].startswith(GROUPED)), rows[0])
     loop = next((r for r in rows if r["row"].startswith(PLAIN)), rows[0])
     # without those rows (--only), ratios are to the first row, and the headers say so
-    ref_name = "HF length-grouped" if ref["row"].startswith(GROUPED) else "first row"
     loop_name = "plain loop" if loop["row"].startswith(PLAIN) else "first row"
+    ref_name = "HF length-grouped" if ref["row"].startswith(GROUPED) else loop_name if ref is loop else "first row"
     both = loop is not ref  # one ratio column where both fall back to the first row
     table = [
         [
