@@ -93,6 +93,7 @@ class RecordingClassifier(pl.LightningModule):
 
 
 def cpu_trainer(**kwargs: Any) -> pl.Trainer:
+    """A quiet one-device Trainer (no logger, checkpoints, bars or sanity steps); CPU unless ``accelerator`` says."""
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,

@@ -17,7 +17,7 @@ import torch
 from lightning_txopt.callbacks import AccumulationScheduler, FreezeEmbeddings, TokenThroughputMonitor
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule
-from tests.helpers import BERT_DICT, make_samples
+from tests.helpers import BERT_DICT, cpu_trainer, make_samples
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -53,16 +53,11 @@ def test_training_steps_do_not_synchronise(normalize, monkeypatch):
     guard = SyncGuard()
     dm = BucketDataModule(make_samples(600, seed=1), pad_token_id=0, max_tokens=256)
     module = TransformerModule(config=BERT_DICT, num_labels=3)
-    trainer = pl.Trainer(
+    trainer = cpu_trainer(
         accelerator="cuda",
-        devices=1,
         precision="bf16-mixed",
         max_steps=8,
         log_every_n_steps=1000,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
         # the guard first: it must switch the debug mode off before the monitor reads its counts at the end
         callbacks=[
             guard,

@@ -6,14 +6,13 @@ asked to (``reset_peak_memory=True``, per-window peaks)."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from lightning_txopt.callbacks import TokenThroughputMonitor
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule
-from tests.helpers import BERT_DICT, make_samples
+from tests.helpers import BERT_DICT, cpu_trainer, make_samples
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -24,17 +23,7 @@ def _fit_after_a_peak(monitor: TokenThroughputMonitor) -> tuple[float, float]:
     """Reset the counter, allocate and free 1 GiB, fit; the counter's value after fit and the monitor's last log."""
     dm = BucketDataModule(make_samples(200, seed=2), pad_token_id=0, max_tokens=256)
     module = TransformerModule(config=BERT_DICT, num_labels=3)
-    trainer = pl.Trainer(
-        accelerator="cuda",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=6,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[monitor],
-    )
+    trainer = cpu_trainer(accelerator="cuda", precision="bf16-mixed", max_steps=6, callbacks=[monitor])
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     block = torch.empty(_BLOCK, dtype=torch.uint8, device="cuda")
