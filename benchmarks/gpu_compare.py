@@ -326,6 +326,13 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def window_error(warm: int, steps: int, accumulate: int) -> str | None:
+    """Why a row's window of batches cannot end on an optimizer step, or ``None`` when it can."""
+    if (warm + steps) % accumulate:
+        return f"warm-up + steps ({warm} + {steps}) must be a multiple of accumulate={accumulate}."
+    return None
+
+
 def lightning_row(
     name: str,
     samples: list[dict],
@@ -348,8 +355,8 @@ def lightning_row(
     the row still times ``--steps`` batches, so its tokens/s compare with the other rows'."""
     cuda = torch.cuda.is_available()
     warm = args.warmup if warmup is None else warmup
-    if (warm + args.steps) % accumulate:
-        raise ValueError(f"warm-up + steps ({warm} + {args.steps}) must be a multiple of accumulate={accumulate}.")
+    if error := window_error(warm, args.steps, accumulate):
+        raise ValueError(error)
     window = _Window(warm, args.steps)
     budget = max_tokens or args.max_tokens
     dm = BucketDataModule(
@@ -598,9 +605,8 @@ def main() -> None:
     if not todo:
         parser.error(f"--only {args.only!r} matches no row; rows: {[r[0] for r in build_rows(args, samples)]}")
     for name, _, kwargs in todo:  # fail before any GPU time is spent, not when the row's turn comes
-        accumulate = kwargs.get("accumulate", 1)
-        if (kwargs.get("warmup", args.warmup) + args.steps) % accumulate:
-            parser.error(f"row {name!r}: --warmup + --steps must be a multiple of accumulate={accumulate}.")
+        if error := window_error(kwargs.get("warmup", args.warmup), args.steps, kwargs.get("accumulate", 1)):
+            parser.error(f"row {name!r}: {error}")
     warm_up(samples, args)
     runs: dict[str, list[dict[str, Any]]] = {}
     order: list[str] = []
