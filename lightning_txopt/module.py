@@ -12,13 +12,15 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_txopt.callbacks.accumulation import AccumulationScheduler, estimated_optimizer_steps
+from lightning_txopt.callbacks.accumulation import estimated_optimizer_steps
 from lightning_txopt.data.packing import check_packing_support, packed_classification_logits
 
 __all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
 
 Task = Literal["sequence-classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
+LossReduction = Literal["auto", "mean", "sum"]
+LOSS_REDUCTIONS: tuple[str, ...] = ("auto", "mean", "sum")
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -39,6 +41,28 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Any:
     return factor
 
 
+class _WarmupDecay:
+    """``LambdaLR`` multiplier whose step count is known only when training starts.
+
+    ``configure_optimizers`` runs before the training loader exists (and before a token budget may have been found),
+    so the number of optimizer steps is set in ``on_train_start``. Step 0 needs no total: warm-up starts at 0 and a
+    run without warm-up starts at 1. A picklable object (not a closure), so the module still pickles for ddp_spawn.
+    """
+
+    def __init__(self, warmup: float) -> None:
+        self.warmup = warmup
+        self.total: int | None = None
+
+    def __call__(self, step: int) -> float:
+        if self.total is None:
+            if step == 0:
+                return 0.0 if self.warmup > 0 else 1.0
+            raise RuntimeError("The LR schedule has no step count yet: TransformerModule sets it in on_train_start.")
+        total = max(self.total, 1)
+        warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
+        return linear_warmup_decay(warmup, total)(step)
+
+
 class TransformerModule(pl.LightningModule):
     """Fine-tune or train a Hugging Face ``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``.
 
@@ -51,10 +75,12 @@ class TransformerModule(pl.LightningModule):
     token (BERT-style heads) or last token (decoder heads); at fit start the model is checked to keep packed samples
     apart, else a clear ``ValueError``.
 
-    Loss contract: the loss of a batch is the mean over its items, unless an
-    :class:`~lightning_txopt.callbacks.AccumulationScheduler` with ``normalize="tokens"`` is among the Trainer's
-    callbacks; then ``training_step`` returns the loss *summed* over items (labels ``!= -100``; causal LMs count
-    shifted labels) and the callback normalises by the items of the whole window and all ranks.
+    Loss contract (:attr:`loss_reduction`): ``training_step`` returns the mean loss over the batch's items, or their
+    sum when ``loss_reduction == "sum"``. The default ``"auto"`` means "mean, unless a callback that normalises by
+    items asks for sums": :class:`~lightning_txopt.callbacks.AccumulationScheduler` with ``normalize="tokens"`` sets
+    it to ``"sum"`` at setup (and back at teardown), then divides by the items of the whole window and all ranks.
+    The items are what :meth:`count_loss_items` counts: labels ``!= -100``; for causal LMs the shifted labels, one
+    fewer per row and none across the boundary of two packed samples.
 
     Args:
         model: Hugging Face model name or local folder (``from_pretrained``).
@@ -67,6 +93,7 @@ class TransformerModule(pl.LightningModule):
         betas: AdamW betas.
         eps: AdamW epsilon.
         attn_implementation: Passed to Hugging Face (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ...).
+        loss_reduction: ``"auto"``, ``"mean"`` or ``"sum"`` (see the loss contract above).
         head_lr_factor: The task head's learning rate is ``learning_rate * head_lr_factor`` (same schedule). The head
             is every parameter outside the backbone (``model.base_model``): a classifier's freshly initialised
             ``classifier``/``score`` layer; a causal LM's output layer unless it is tied to the input embeddings.
@@ -93,6 +120,7 @@ class TransformerModule(pl.LightningModule):
         eps: float = 1e-8,
         attn_implementation: str | None = "sdpa",
         head_lr_factor: float = 1.0,
+        loss_reduction: LossReduction = "auto",
     ) -> None:
         super().__init__()
         if (model is None) == (config is None):
@@ -103,6 +131,8 @@ class TransformerModule(pl.LightningModule):
             raise ValueError(f"`learning_rate` must be > 0 and `warmup` >= 0, got {learning_rate!r}, {warmup!r}.")
         if not head_lr_factor > 0:
             raise ValueError(f"`head_lr_factor` must be > 0, got {head_lr_factor!r}.")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
         self.save_hyperparameters(ignore=["config"] if not isinstance(config, dict | None) else None)
         self.task: Task = task
         hf_model: Any = self._build(model, config, task, num_labels, attn_implementation)
@@ -114,8 +144,9 @@ class TransformerModule(pl.LightningModule):
         self.betas = betas
         self.eps = eps
         self.head_lr_factor = head_lr_factor
-        self.sum_loss = False
+        self.loss_reduction: LossReduction = loss_reduction
         self._loss_in_progress_bar = True
+        self._schedule = _WarmupDecay(self.warmup)
         if task == "sequence-classification":
             self.val_accuracy = MulticlassAccuracy(num_classes=int(hf_model.config.num_labels), average="micro")
         self.val_loss_sum = SumMetric()
@@ -149,10 +180,27 @@ class TransformerModule(pl.LightningModule):
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k in _MODEL_KEYS}
 
+    def count_loss_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The items a batch's loss sums over: what ``loss_reduction="sum"`` divides by to give the mean.
+
+        A 0-dim tensor on the batch's device. Classification: labels ``!= -100``. Causal LM: the shifted labels
+        ``labels[:, 1:] != -100`` (the first position of each row predicts nothing).
+
+        Example:
+            >>> m = TransformerModule(config={"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2,
+            ...     "vocab_size": 50, "n_positions": 16}, task="causal-lm")
+            >>> int(m.count_loss_items({"labels": torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])}))
+            3
+        """
+        labels = batch["labels"]
+        if self.task == "causal-lm":
+            labels = labels[..., 1:]
+        return (labels != -100).sum()
+
     def loss_and_items(
         self, batch: dict[str, torch.Tensor], reduction: Literal["mean", "sum"]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, item count, logits)`` of a batch; items are labels ``!= -100`` (shifted for causal LMs)."""
+        """``(loss, item count, logits)`` of a batch; items as :meth:`count_loss_items` counts them."""
         if "cls_index" in batch and self.task == "sequence-classification":  # packed rows: pool each sample
             logits = packed_classification_logits(self.model, batch)
         else:
@@ -171,13 +219,14 @@ class TransformerModule(pl.LightningModule):
         # Lightning turns progress-bar values into numbers after every batch: one host-device sync per step. Only pay
         # for it when there is a progress bar to show the loss in (the loss is logged either way).
         self._loss_in_progress_bar = getattr(self.trainer, "progress_bar_callback", None) is not None
-        self.sum_loss = any(
-            isinstance(cb, AccumulationScheduler) and cb.normalize == "tokens"
-            for cb in self.trainer.callbacks  # type: ignore[attr-defined]
-        )
         datamodule = getattr(self.trainer, "datamodule", None)
         if getattr(datamodule, "strategy", None) == "packed":  # fail now, clearly, rather than mix samples
             check_packing_support(self.model, causal=self.task == "causal-lm")
+
+    @override
+    def on_train_start(self) -> None:
+        # the loader exists now (and a found token budget is in force): count the run's optimizer steps
+        self._schedule.total = estimated_optimizer_steps(self.trainer)
 
     @override
     def forward(self, **inputs: torch.Tensor) -> Any:
@@ -185,8 +234,9 @@ class TransformerModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, items, _ = self.loss_and_items(batch, "sum" if self.sum_loss else "mean")
-        mean = loss.detach() / items.clamp_min(1) if self.sum_loss else loss.detach()
+        summed = self.loss_reduction == "sum"
+        loss, items, _ = self.loss_and_items(batch, "sum" if summed else "mean")
+        mean = loss.detach() / items.clamp_min(1) if summed else loss.detach()
         self.log("train_loss", mean, prog_bar=self._loss_in_progress_bar, batch_size=int(batch["input_ids"].shape[0]))
         return loss
 
@@ -264,9 +314,8 @@ class TransformerModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             self.optimizer_groups(), lr=self.learning_rate, betas=self.betas, eps=self.eps, fused=on_cuda or None
         )
-        total = estimated_optimizer_steps(self.trainer)
-        warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, max(total, 1)))
+        self._schedule = _WarmupDecay(self.warmup)  # its step count is set in on_train_start
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @override

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,9 +64,17 @@ def test_classification_validation_accuracy_matches_a_manual_count():
 def test_causal_lm_perplexity_and_summed_loss_contract():
     dm = BucketDataModule(_lm_samples(24), _lm_samples(8), pad_token_id=0, max_tokens=128)
     module = TransformerModule(config=GPT2, task="causal-lm", learning_rate=1e-3)
-    trainer = cpu_trainer(max_epochs=1, callbacks=[AccumulationScheduler({0: 2}, normalize="tokens")])
+    reductions: list[str] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            reductions.append(pl_module.loss_reduction)
+
+    assert module.loss_reduction == "auto"
+    callbacks = [AccumulationScheduler({0: 2}, normalize="tokens"), Record()]
+    trainer = cpu_trainer(max_epochs=1, callbacks=callbacks)
     trainer.fit(module, datamodule=dm)
-    assert module.sum_loss  # tokens normalisation: training_step returns summed losses
+    assert reductions and set(reductions) == {"sum"}  # tokens normalisation: training_step returns summed losses
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     summed, items, _ = module.loss_and_items(batch, "sum")

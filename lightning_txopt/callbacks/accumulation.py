@@ -217,6 +217,8 @@ class AccumulationScheduler(Callback):
         if trainer.strategy.handles_gradient_accumulation:
             raise ValueError(f"{type(trainer.strategy).__name__} accumulates gradients itself; remove the callback.")
         trainer.accumulate_grad_batches = self.factor_for(epoch=trainer.current_epoch, step=trainer.global_step)
+        if self.normalize == "tokens" and getattr(pl_module, "loss_reduction", None) == "auto":
+            pl_module.loss_reduction = "sum"  # type: ignore[assignment]  # the module's declared contract
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
