@@ -272,10 +272,13 @@ class TransformerModule(pl.LightningModule):
         if self.task == "sequence-classification":
             assert support.pooling is not None
             base = self._run("base", self.model.base_model)
-            logits, _ = packed_classification_logits(self.model, batch, support.pooling, base=base)
+            logits, _ = packed_classification_logits(
+                self.model, batch, support.pooling, base=base, offset=support.position_offset
+            )
             return logits
         rows, width = batch["input_ids"].shape
-        out = self._run("model", self.model)(**packed_model_inputs(self.model, batch)).logits
+        inputs = packed_model_inputs(self.model, batch, offset=support.position_offset)
+        out = self._run("model", self.model)(**inputs).logits
         return out.reshape(rows, width, -1)
 
     def _lm_targets(self, batch: dict[str, Any]) -> torch.Tensor:
