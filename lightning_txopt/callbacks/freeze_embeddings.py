@@ -24,7 +24,6 @@ from lightning_txopt.utils.blocks import find_block_lists, model_configs
 __all__ = [
     "FreezeEmbeddings",
     "FrozenEmbeddings",
-    "average_gradients",
     "find_input_embeddings",
     "freeze_embeddings",
     "unfreeze_embeddings",
@@ -358,8 +357,8 @@ class FreezeEmbeddings(Callback):
         ValueError: If ``unfreeze_at_epoch < 1``, ``lr_factor <= 0``, or ``lr_factor`` is set without
             ``unfreeze_at_epoch`` (it would do nothing). In ``setup``, with ``unfreeze_at_epoch`` on several
             processes: a strategy other than DDP, or a GradScaler (fp16 AMP). (``unfreeze_at_epoch >= max_epochs``
-            warns: only a resumed run with more epochs would unfreeze.) At the unfreeze epoch: if the frozen parameters were in no
-            optimizer and there are several (which one should train them is ambiguous).
+            warns: only a resumed run with more epochs would unfreeze.) At the unfreeze epoch: if the frozen
+            parameters were in no optimizer and there are several (which one should train them is ambiguous).
 
     Example:
         >>> FreezeEmbeddings(unfreeze_at_epoch=2, lr_factor=0.1).lr_factor
@@ -503,7 +502,7 @@ class FreezeEmbeddings(Callback):
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         params = [p for p in self._sync_params if id(p) in in_optimizer]
         if params:
-            average_gradients(params, trainer.strategy)
+            _average_gradients(params, trainer.strategy)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -544,7 +543,7 @@ def _check_unfreeze_supported(trainer: pl.Trainer, epoch: int) -> None:
         )
 
 
-def average_gradients(params: Sequence[nn.Parameter], strategy: Strategy) -> None:
+def _average_gradients(params: Sequence[nn.Parameter], strategy: Strategy) -> None:
     """Average the gradients of ``params`` over the processes of ``strategy``, as DDP does for its parameters.
 
     Every process must call it at the same point. A parameter whose gradient is ``None`` on a process counts as a
@@ -558,24 +557,26 @@ def average_gradients(params: Sequence[nn.Parameter], strategy: Strategy) -> Non
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
         >>> p = nn.Parameter(torch.ones(2))
         >>> p.grad = torch.full((2,), 3.0)
-        >>> average_gradients([p], SingleDeviceStrategy(device=torch.device("cpu")))  # one process: unchanged
+        >>> _average_gradients([p], SingleDeviceStrategy(device=torch.device("cpu")))  # one process: unchanged
         >>> p.grad
         tensor([3., 3.])
     """
     world = strategy.world_size if isinstance(strategy, ParallelStrategy) else 1
     if world <= 1:
         return
-    ref = next(p for p in params)
-    dtype = next((p.grad.dtype for p in params if p.grad is not None), ref.dtype)
+    device = params[0].device
+    dtype = next((p.grad.dtype for p in params if p.grad is not None), params[0].dtype)
     parts = [(p.grad if p.grad is not None else torch.zeros_like(p, dtype=dtype)).reshape(-1).to(dtype) for p in params]
-    present = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=ref.device)
-    flat = torch.cat([*parts, present])
-    flat = strategy.reduce(flat, reduce_op="sum")
-    counts = flat[-len(params) :]
+    present = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+    flat = strategy.reduce(torch.cat([*parts, present]), reduce_op="sum")
+    # Whether a gradient exists anywhere is only read (a host-device sync) on a process that lacks one: on the
+    # others every count is >= 1 already.
+    local_all = all(p.grad is not None for p in params)
+    has_grad = [True] * len(params) if local_all else [c > 0 for c in flat[-len(params) :].tolist()]
     offset = 0
-    for p, count in zip(params, counts.tolist()):
+    for p, keep in zip(params, has_grad):
         n = p.numel()
-        if count > 0:
+        if keep:
             grad = flat[offset : offset + n].view_as(p).div_(world).to(p.dtype)
             if p.grad is None:
                 p.grad = grad.clone()

@@ -228,7 +228,8 @@ def share_layers(
             if diffs:
                 raise ValueError(
                     f"share_layers(num_unique_layers={num_unique_layers}, strategy={strategy!r}) on "
-                    f"{type(model).__name__}: position {i} of {found.name} would use block {r}, which differs from "
+                    f"{_describe(model, found.name)}: position {i} of {found.name} would use block {r}, which "
+                    "differs from "
                     f"its own block beyond the weights ({'; '.join(diffs[:3])}). Sharing would change what position "
                     f"{i} computes. Choose a mapping in which every position uses a block of its own kind (e.g. "
                     "strategy='cycle' with num_unique_layers a multiple of the layer pattern), or make the layers "
@@ -242,6 +243,16 @@ def share_layers(
             found.replace(i, blocks[r])
     disable_kv_cache(model)
     return SharingResult(lists[0].name, result_maps[0], before, _count(model), result_lists, result_maps)
+
+
+def _describe(model: nn.Module, block_list: str) -> str:
+    """``model``'s class, and that of the configured model holding ``block_list`` if it is another (an HF model)."""
+    parts = block_list.split(".")
+    for k in range(len(parts)):
+        inner = model.get_submodule(".".join(parts[:k]))
+        if hasattr(inner, "config"):
+            return type(model).__name__ if inner is model else f"{type(model).__name__} ({type(inner).__name__})"
+    return type(model).__name__
 
 
 def _average(blocks: list[nn.Module], mapping: list[int], num_unique_layers: int) -> None:

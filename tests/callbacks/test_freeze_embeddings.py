@@ -461,3 +461,33 @@ def test_unfreeze_under_ddp_keeps_ranks_identical_and_equals_one_process(tmp_pat
     for k in rank0:
         torch.testing.assert_close(rank0[k], rank1[k], rtol=0, atol=0, msg=k)  # the ranks stayed in sync
         torch.testing.assert_close(rank0[k], single[k], rtol=1e-5, atol=1e-6, msg=k)  # and equal one process
+
+
+def test_average_gradients_counts_a_missing_gradient_as_zero_and_keeps_globally_missing_ones_none():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_txopt.callbacks.freeze_embeddings import _average_gradients
+
+    class OtherRank(DDPStrategy):
+        """Two processes, the other one holding ``other`` (its flat buffer: gradients, then presence flags)."""
+
+        def __init__(self, other):
+            super().__init__()
+            self.other = other
+
+        @property
+        def world_size(self):
+            return 2
+
+        def reduce(self, tensor, group=None, reduce_op="mean"):
+            assert reduce_op == "sum"
+            return tensor + self.other
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    a.grad = torch.tensor([2.0, 4.0])  # here and there
+    # b: only on the other rank; c: nowhere
+    other = torch.tensor([6.0, 8.0, 1.0, 3.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    _average_gradients([a, b, c], OtherRank(other))
+    torch.testing.assert_close(a.grad, torch.tensor([4.0, 6.0]))
+    torch.testing.assert_close(b.grad, torch.tensor([0.5, 1.5]))
+    assert c.grad is None
