@@ -461,7 +461,7 @@ class FreezeEmbeddings(Callback):
         for p in params:
             p.requires_grad_(True)
         sources = dict(self._source_group)
-        if not sources:  # the optimizer was built from the trainable parameters only
+        if not sources and trainer.optimizers:  # the optimizer was built from the trainable parameters only
             if len(trainer.optimizers) > 1:
                 raise ValueError(
                     f"FreezeEmbeddings: the frozen embeddings were in none of the {len(trainer.optimizers)} "
