@@ -309,8 +309,9 @@ def chunked_linear_cross_entropy(
         labels: Class indices, the shape of ``hidden`` without its last dimension; ``ignore_index`` marks rows that
             do not count.
         bias: ``(V,)`` the output layer's bias, if any.
-        chunk_size: Rows (tokens) per chunk. A chunk holds about ``chunk_size * V * 8`` bytes at its peak (fp32
-            logits and their low-precision copy); larger chunks run the matmuls closer to peak speed.
+        chunk_size: Rows (tokens) per chunk. A chunk holds about ``chunk_size * V * 6`` bytes at its peak under
+            bf16 autocast (fp32 logits and their bf16 gradient; more on CPU, whose matmuls copy transposed operands);
+            each chunk adds a pass over the fp32 ``(V, H)`` gradient accumulator.
         ignore_index: Label of rows that count neither in the loss nor in the mean's denominator.
         reduction: ``"mean"`` over counted rows, ``"sum"``, or ``"none"`` (a loss per row, 0 where ignored).
         recompute: Where the gradients are formed (above); ``None`` picks.
