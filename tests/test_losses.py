@@ -23,6 +23,7 @@ from lightning_txopt.losses import (
     lm_head_of,
     shift_labels,
 )
+from lightning_txopt.models.packing import packed_model_inputs
 from tests.zoo import FAMILIES, VOCAB
 
 N, H, V = 50, 12, 70
@@ -456,7 +457,7 @@ def test_packed_rows_equal_the_unchunked_packed_loss(model_type):
         {"input_ids": (ids := torch.randint(3, VOCAB, (n,), generator=gen)), "labels": ids} for n in (9, 5, 12, 7)
     ]
     batch = PackingCollator(20, causal=True)(samples)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = packed_model_inputs(model, batch)  # the exact block mask for the model's attention
     labels = batch["labels"]
     assert bool((labels[0, [0, 9]] == -100).all())  # each sample's first token predicts nothing
     model.zero_grad()
