@@ -153,7 +153,8 @@ def count_optimizer_steps(
     micro-batches, up to the epoch end.
 
     Raises:
-        ValueError: If ``batches_per_epoch`` or ``max_epochs`` is negative, or ``scheduling`` is invalid.
+        ValueError: If ``batches_per_epoch`` or ``max_epochs`` is negative, or ``scheduling`` or ``interval`` is
+            invalid.
 
     Example:
         >>> count_optimizer_steps(10, 3, {0: 1, 1: 4})  # 10 + ceil(10 / 4) * 2
@@ -163,6 +164,8 @@ def count_optimizer_steps(
     """
     if batches_per_epoch < 0 or max_epochs < 0:
         raise ValueError(f"`batches_per_epoch` and `max_epochs` must be >= 0, got {batches_per_epoch}, {max_epochs}.")
+    if interval not in ("epoch", "step"):
+        raise ValueError(f"`interval` must be 'epoch' or 'step', got {interval!r}.")
     schedule = _validate_scheduling(scheduling)
     steps = 0
     for epoch in range(max_epochs):
@@ -308,7 +311,10 @@ class AccumulationScheduler(Callback):
             trainer.fit_loop.setup_data()
         batches = trainer.num_training_batches
         if batches == float("inf"):
-            raise ValueError("The training loader has no length: cannot count optimizer steps.")
+            raise ValueError(
+                "The training loader has no length: cannot count optimizer steps. Give its dataset a __len__, or "
+                "size the LR schedule yourself."
+            )
         if trainer.max_epochs is None or trainer.max_epochs < 0:
             if trainer.max_steps < 0:
                 raise ValueError(

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset, RandomIterableDataset
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from torch.utils.data import DataLoader
 
 from lightning_txopt import TransformerModule
 from lightning_txopt.callbacks.accumulation import (
@@ -231,6 +233,8 @@ def test_count_optimizer_steps_errors():
         count_optimizer_steps(-1, 2, {0: 2})
     with pytest.raises(ValueError, match="non-empty"):
         count_optimizer_steps(10, 2, {})
+    with pytest.raises(ValueError, match="`interval` must be 'epoch' or 'step', got 'batch'"):
+        count_optimizer_steps(10, 2, {0: 2}, interval="batch")  # type: ignore[arg-type]
 
 
 def test_yaml_style_keys_and_helpers():
@@ -565,6 +569,24 @@ def test_missing_labels_is_a_clear_error():
         cpu_trainer(max_epochs=1, callbacks=[AccumulationScheduler({0: 2}, normalize="tokens")]).fit(
             SumLossModule(reduction="sum"), datamodule=dm
         )
+
+
+class _CountsSteps(BoringModel):
+    def on_train_start(self) -> None:
+        self.total_steps = estimated_optimizer_steps(self.trainer)
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "loader", "match"),
+    [
+        (dict(max_epochs=1), DataLoader(RandomIterableDataset(32, 8), batch_size=2), "training loader has no length"),
+        (dict(max_epochs=-1, max_steps=-1), DataLoader(RandomDataset(32, 8), batch_size=2), "Infinite training"),
+    ],
+)
+def test_step_count_errors(trainer_kwargs, loader, match):
+    trainer = cpu_trainer(limit_val_batches=0, callbacks=[AccumulationScheduler({0: 2})], **trainer_kwargs)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(_CountsSteps(), train_dataloaders=loader)
 
 
 def test_accumulate_grad_batches_changed_elsewhere_is_an_error():
