@@ -13,7 +13,7 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_txopt.callbacks.accumulation import estimated_optimizer_steps
+from lightning_txopt.callbacks.accumulation import LOSS_REDUCTIONS, estimated_optimizer_steps
 from lightning_txopt.data.packing import is_packed
 from lightning_txopt.losses import (
     DEFAULT_CHUNK_SIZE,
@@ -41,7 +41,6 @@ __all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
 Task = Literal["sequence-classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
 LossReduction = Literal["auto", "mean", "sum"]
-LOSS_REDUCTIONS: tuple[str, ...] = ("auto", "mean", "sum")
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
