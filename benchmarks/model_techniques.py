@@ -35,10 +35,10 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
             num_attention_heads=4,
             intermediate_size=256,
             max_position_embeddings=512,
-            num_labels=40,
         )
     else:
-        config = BertConfig(num_labels=40, max_position_embeddings=max(512, args.seq_len))
+        config = BertConfig(max_position_embeddings=max(512, args.seq_len))
+    config.num_labels = 40
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
 
