@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 __all__ = ["PIECES", "ApiProbe", "skip_message"]
+
+
+class _Requiring(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def requires(self) -> tuple[str, ...]: ...
+
+
+R = TypeVar("R", bound=_Requiring)
 
 
 def _init_has(cls: type, name: str) -> bool:
@@ -125,6 +137,17 @@ class ApiProbe:
             if not self.present[key]:
                 out.append(what)
         return out
+
+    def split(self, rows: Sequence[R]) -> tuple[list[R], dict[str, str]]:
+        """The rows whose pieces are all there, and a skip message for each of the others (by row name)."""
+        ok, skipped = [], {}
+        for row in rows:
+            absent = self.missing(row.requires)
+            if absent:
+                skipped[row.name] = skip_message(row.name, absent)
+            else:
+                ok.append(row)
+        return ok, skipped
 
 
 def skip_message(name: str, absent: list[str]) -> str:

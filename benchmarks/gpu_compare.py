@@ -28,7 +28,7 @@ from _common import markdown_table, write_outputs
 from api_check import ApiProbe
 from gpu_report import chart, report
 from gpu_rows import GROUPS, Row, Settings, define_rows, groups_of, select, window_error
-from gpu_runner import default_peak_tflops, run_rows, runnable
+from gpu_runner import default_peak_tflops, run_rows
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen = select(rows, only, include=("compile",) if args.compile else ())
     except ValueError as bad:
         parser.error(str(bad))
-    todo, skipped = runnable(chosen, probe)
+    todo, skipped = probe.split(chosen)
     for message in skipped.values():
         print(message, file=sys.stderr, flush=True)
     if not todo:

@@ -19,7 +19,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from _common import environment, hf_sampling_kwargs, hf_training_arguments, synced_time
-from api_check import ApiProbe, skip_message
 from gpu_rows import PAIR, Row, Settings, window_error
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from workloads import FLOPS_FORMULA, Workload, build_workload, model_flops, peak_tflops
@@ -529,18 +528,6 @@ class Runner:
             return self.settings.match_gib
         reference = self.runs.get(row.options["match_peak_of"])
         return reference[0]["peak_memory_gib"] if reference and torch.cuda.is_available() else None
-
-
-def runnable(rows: Sequence[Row], probe: ApiProbe) -> tuple[list[Row], dict[str, str]]:
-    """The rows whose API pieces exist, and a skip message for each of the others."""
-    ok, skipped = [], {}
-    for row in rows:
-        absent = probe.missing(row.requires)
-        if absent:
-            skipped[row.name] = skip_message(row.name, absent)
-        else:
-            ok.append(row)
-    return ok, skipped
 
 
 def header(rows: Sequence[Row], settings: Settings, repeats: int, repeat_all: bool) -> str:
