@@ -305,6 +305,7 @@ def flops_info(model: Any, tokens: int, squared_lengths: int, seconds: float, pe
     tflops = flops / max(seconds, 1e-9) / 1e12
     return {
         "non_embedding_params": params,
+        "sum_squared_lengths": squared_lengths,
         "model_flops": flops,
         "model_tflops_per_s": tflops,
         "peak_tflops": peak_tf,

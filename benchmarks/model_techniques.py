@@ -31,7 +31,7 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
     if args.tiny:
         config = BertConfig(
             hidden_size=64,
-            num_hidden_layers=4,
+            num_hidden_layers=8,  # 8, so that sharing 4 unique layers shares some
             num_attention_heads=4,
             intermediate_size=256,
             max_position_embeddings=512,
