@@ -496,8 +496,9 @@ class Runner:
             self.workloads[key] = build_workload(row.model, row.data, self.settings.quick)
         return self.workloads[key]
 
-    def _warm(self, row: Row) -> None:
-        """The shape pass: once for the main workload (every shape of the classic rows), once per other budget."""
+    def warm(self, row: Row) -> None:
+        """The shape pass of a row's workload: once for the main workload (every shape of the classic rows), once
+        for each other (workload, budget)."""
         budget = row.options.get("max_tokens")
         main = (row.model, row.data) == ("bert", "corpus") and budget in (None, self.settings.max_tokens)
         key = ("bert", "corpus", None) if main else (row.model, row.data, budget)
@@ -506,7 +507,7 @@ class Runner:
             warm_up(self.workload(row), self.settings, None if main else budget)
 
     def run(self, row: Row) -> dict[str, Any]:
-        self._warm(row)
+        self.warm(row)  # (a no-op when run_rows warmed it up before any row)
         workload, settings = self.workload(row), self.settings
         if row.kind == "hf":
             result = hf_trainer_row(row.title, workload, settings, **row.options)
@@ -554,6 +555,8 @@ def run_rows(
     """Run ``rows`` (all runnable) as :func:`schedule` says and return the result (what ``--json`` writes)."""
     runner = Runner(settings, log=lambda line: print(line, flush=True))
     by_name = {r.name: r for r in rows}
+    for row in rows:  # every shape pass before the first timed row
+        runner.warm(row)
     for name in schedule([r.name for r in rows], repeats, repeat_all):
         runner.run(by_name[name])
     result: dict[str, Any] = {
