@@ -203,6 +203,12 @@ class TransformerModule(pl.LightningModule):
             setattr(self, f"{stage}_loss_sum", SumMetric())
             setattr(self, f"{stage}_items", SumMetric())
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a new process (``ddp_spawn``, DataLoader workers): register the varlen backend there too."""
+        super().__setstate__(state)
+        if getattr(self.model.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+            register_varlen_attention()
+
     @staticmethod
     def _build(model: str | None, config: Any, task: Task, num_labels: int | None, attn: str | None) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -416,7 +422,8 @@ class TransformerModule(pl.LightningModule):
             getattr(self, f"{stage}_accuracy").reset()
         else:
             metrics[f"{stage}_ppl"] = torch.exp(loss.clamp(max=30.0))
-        self.log_dict(metrics, prog_bar=stage == "val")
+        # already summed over every rank by the metrics: the mean over ranks of equal values changes nothing
+        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
         getattr(self, f"{stage}_loss_sum").reset()
         getattr(self, f"{stage}_items").reset()
 
