@@ -1,20 +1,64 @@
-"""Length-grouped batches under a token budget: the only change from base.py is the DataModule's strategy.
+"""Length-grouped batches under a token budget: the change from base.py is the DataModule's batching.
 
 python examples/bucketing.py --limit 512 --max-length 128 --max-tokens 4096
-python examples/bucketing.py --limit 512 --max-length 128 --max-tokens 4096 --ladder 16 32 64 128   # bounded shapes
+python examples/bucketing.py --limit 512 --max-length 128 --max-tokens 4096 --ladder 16 32 64 128
+
+The second command pads every batch to one of a few widths (bounded shapes: torch.compile, cuDNN attention plans).
 """
 
-from _common import parse_args, run
+import argparse
 
-from lightning_txopt import FortunesDataModule
+import lightning.pytorch as pl
+from transformers import BertConfig
 
-args = parse_args(__doc__, ladder=True)
-datamodule = FortunesDataModule(
+from lightning_txopt import FortunesDataModule, TokenThroughputMonitor, TransformerModule
+from lightning_txopt.data.fortunes import default_tokenizer_path
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--limit", type=int, default=None, help="a seeded random subset of N texts (default: all 14,396)")
+parser.add_argument("--max-length", type=int, default=512, help="texts are truncated to this many tokens")
+parser.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")  # <-
+parser.add_argument("--ladder", type=int, nargs="+", default=None, help="widths to pad to")  # <-
+parser.add_argument("--epochs", type=int, default=1)
+parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
+parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the pretrained MiniLM")
+parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+parser.add_argument("--accelerator", default="auto")
+args = parser.parse_args()
+
+pl.seed_everything(0)
+datamodule = FortunesDataModule(  # 40 categories; a seeded 10% held out for validation
     limit=args.limit,
     max_length=args.max_length,
     strategy="bucket",  # <- group similar lengths, pad each batch to its longest sample
-    batch_size=None if args.max_tokens else args.batch_size,
-    max_tokens=args.max_tokens,  # <- or fill a budget of padded tokens per batch
-    pad_to_lengths=args.ladder,  # <- optional: pad to a few fixed widths (torch.compile, cuDNN attention plans)
+    max_tokens=args.max_tokens,  # <- a budget of padded tokens per batch instead of a batch size
+    pad_to_lengths=args.ladder,  # <- optional: pad to the smallest of a few fixed widths that fits
 )
-run(args, datamodule, datamodule.num_labels)
+if args.tiny:
+    model = TransformerModule(
+        config=BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+        num_labels=datamodule.num_labels,
+        learning_rate=1e-4,
+    )
+else:
+    model = TransformerModule(
+        str(default_tokenizer_path()),  # the pretrained all-MiniLM-L6-v2
+        num_labels=datamodule.num_labels,
+    )
+monitor = TokenThroughputMonitor()  # only measures: real (non-padding) tokens per second of training
+trainer = pl.Trainer(
+    max_epochs=args.epochs,
+    max_steps=args.max_steps,
+    precision=args.precision,
+    accelerator=args.accelerator,
+    devices=1,
+    callbacks=[monitor],
+    logger=False,
+    enable_checkpointing=False,
+)
+trainer.fit(model, datamodule=datamodule)
+
+tokens, seconds = monitor.totals["real_tokens"], monitor.train_seconds
+print(f"{trainer.global_step} optimizer steps")
+print(f"{tokens:,} real tokens in {seconds:.1f} s of training ({tokens / seconds:,.0f} real tokens/s)")
+print({k: round(float(v), 4) for k, v in trainer.callback_metrics.items()})

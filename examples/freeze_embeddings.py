@@ -1,18 +1,60 @@
-"""Freeze the input embeddings: the only change from base.py is the callback.
+"""Freeze the input embeddings: the change from base.py is one callback.
 
 python examples/freeze_embeddings.py --limit 512 --max-length 128
 """
 
-from _common import parse_args, run
+import argparse
 
-from lightning_txopt import FortunesDataModule
-from lightning_txopt.callbacks import FreezeEmbeddings
+import lightning.pytorch as pl
+from transformers import BertConfig
 
-args = parse_args(__doc__)
-datamodule = FortunesDataModule(
+from lightning_txopt import FortunesDataModule, TokenThroughputMonitor, TransformerModule
+from lightning_txopt.callbacks import FreezeEmbeddings  # <-
+from lightning_txopt.data.fortunes import default_tokenizer_path
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--limit", type=int, default=None, help="a seeded random subset of N texts (default: all 14,396)")
+parser.add_argument("--max-length", type=int, default=512, help="texts are truncated to this many tokens")
+parser.add_argument("--batch-size", type=int, default=32)
+parser.add_argument("--epochs", type=int, default=1)
+parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
+parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the pretrained MiniLM")
+parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+parser.add_argument("--accelerator", default="auto")
+args = parser.parse_args()
+
+pl.seed_everything(0)
+datamodule = FortunesDataModule(  # 40 categories; a seeded 10% held out for validation
     limit=args.limit,
     max_length=args.max_length,
-    strategy="fixed",
+    strategy="fixed",  # every batch padded to max_length
     batch_size=args.batch_size,
 )
-run(args, datamodule, datamodule.num_labels, callbacks=[FreezeEmbeddings()])  # <- no gradients, no AdamW state
+if args.tiny:
+    model = TransformerModule(
+        config=BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+        num_labels=datamodule.num_labels,
+        learning_rate=1e-4,
+    )
+else:
+    model = TransformerModule(
+        str(default_tokenizer_path()),  # the pretrained all-MiniLM-L6-v2
+        num_labels=datamodule.num_labels,
+    )
+monitor = TokenThroughputMonitor()  # only measures: real (non-padding) tokens per second of training
+trainer = pl.Trainer(
+    max_epochs=args.epochs,
+    max_steps=args.max_steps,
+    precision=args.precision,
+    accelerator=args.accelerator,
+    devices=1,
+    callbacks=[monitor, FreezeEmbeddings()],  # <- no gradients, no AdamW state for the embeddings
+    logger=False,
+    enable_checkpointing=False,
+)
+trainer.fit(model, datamodule=datamodule)
+
+tokens, seconds = monitor.totals["real_tokens"], monitor.train_seconds
+print(f"{trainer.global_step} optimizer steps")
+print(f"{tokens:,} real tokens in {seconds:.1f} s of training ({tokens / seconds:,.0f} real tokens/s)")
+print({k: round(float(v), 4) for k, v in trainer.callback_metrics.items()})

@@ -1,0 +1,76 @@
+"""Predictions in dataset order: the change from base.py is a `trainer.predict` after `fit`, through `restore_order`.
+
+python examples/predict.py --limit 512 --max-length 128
+
+Length-aware batches (and DDP ranks) visit the samples out of order; every evaluation and prediction batch of a
+BucketDataModule carries each sample's position ("index"), and `restore_order` sorts the predictions back. This
+script predicts the validation texts (a BucketDataModule with `predict_dataset=`) and scores the predictions against
+the labels in dataset order: that accuracy equals the validation accuracy only if the order was restored. With
+several processes, or more predictions than fit in memory, add `OrderedPredictionWriter(folder)` to the Trainer's
+callbacks and call `trainer.predict(..., return_predictions=False)` (docs/padding.md).
+"""
+
+import argparse
+
+import lightning.pytorch as pl
+import torch  # <-
+from transformers import BertConfig
+
+from lightning_txopt import FortunesDataModule, TokenThroughputMonitor, TransformerModule
+from lightning_txopt.data import BucketDataModule  # <-
+from lightning_txopt.data.fortunes import default_tokenizer_path
+from lightning_txopt.predict import restore_order  # <-
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--limit", type=int, default=None, help="a seeded random subset of N texts (default: all 14,396)")
+parser.add_argument("--max-length", type=int, default=512, help="texts are truncated to this many tokens")
+parser.add_argument("--batch-size", type=int, default=32)
+parser.add_argument("--epochs", type=int, default=1)
+parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
+parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the pretrained MiniLM")
+parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+parser.add_argument("--accelerator", default="auto")
+args = parser.parse_args()
+
+pl.seed_everything(0)
+datamodule = FortunesDataModule(  # 40 categories; a seeded 10% held out for validation
+    limit=args.limit,
+    max_length=args.max_length,
+    strategy="fixed",  # every batch padded to max_length
+    batch_size=args.batch_size,
+)
+if args.tiny:
+    model = TransformerModule(
+        config=BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+        num_labels=datamodule.num_labels,
+        learning_rate=1e-4,
+    )
+else:
+    model = TransformerModule(
+        str(default_tokenizer_path()),  # the pretrained all-MiniLM-L6-v2
+        num_labels=datamodule.num_labels,
+    )
+monitor = TokenThroughputMonitor()  # only measures: real (non-padding) tokens per second of training
+trainer = pl.Trainer(
+    max_epochs=args.epochs,
+    max_steps=args.max_steps,
+    precision=args.precision,
+    accelerator=args.accelerator,
+    devices=1,
+    callbacks=[monitor],
+    logger=False,
+    enable_checkpointing=False,
+)
+trainer.fit(model, datamodule=datamodule)
+
+tokens, seconds = monitor.totals["real_tokens"], monitor.train_seconds
+print(f"{trainer.global_step} optimizer steps")
+print(f"{tokens:,} real tokens in {seconds:.1f} s of training ({tokens / seconds:,.0f} real tokens/s)")
+print({k: round(float(v), 4) for k, v in trainer.callback_metrics.items()})
+
+texts = datamodule.datasets["val"]  # <- the tokenised validation texts, in dataset order
+to_predict = BucketDataModule(predict_dataset=texts, pad_token_id=datamodule.pad_token_id, batch_size=32)  # <-
+outputs = trainer.predict(model, datamodule=to_predict)  # <- one dict per batch, batches in length order
+predictions = restore_order(outputs)  # <- row i is sample i: "index", "logits", "preds"
+labels = torch.tensor([sample["labels"] for sample in texts])  # <-
+print(f"predictions in dataset order: accuracy {float((predictions['preds'] == labels).float().mean()):.4f}")  # <-
