@@ -248,17 +248,18 @@ def _head_logits(model: nn.Module, pooled: torch.Tensor, output_type: type) -> t
     ones = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
     config = _config(model)
     pad = getattr(config, "pad_token_id", None)
-    # the head only reads the ids to find the last non-padding token: one token that is not padding
-    inputs: dict[str, Any] = (
-        {"input_ids": torch.full_like(ones, (pad + 1) % max(int(getattr(config, "vocab_size", 2) or 2), 2))}
-        if isinstance(pad, int)
-        else {"inputs_embeds": states}
-    )
+    # decoder heads read the ids only to find each row's last non-padding token: give one token that is not padding
+    # (a model without a pad token gets -1 for the call, which no id equals: every packed sample is one row here)
+    token = (pad + 1) % max(int(getattr(config, "vocab_size", 2) or 2), 2) if isinstance(pad, int) else 0
     base.forward = _PooledBase(base, states, output_type)  # type: ignore[method-assign]
+    if pad is None and config is not None:
+        config.pad_token_id = -1
     try:
-        return model(**inputs, attention_mask=ones).logits
+        return model(input_ids=torch.full_like(ones, token), attention_mask=ones).logits
     finally:
         del base.forward
+        if pad is None and config is not None:
+            config.pad_token_id = None
 
 
 def packed_classification_logits(
@@ -358,7 +359,8 @@ def check_packing_support(
         >>> mistral = tiny("mistral", sliding_window=8, num_key_value_heads=1)
         >>> check_packing_support(use_varlen_attention(mistral), task="sequence-classification").window
         8
-        >>> check_packing_support(tiny("mistral", sliding_window=8, num_key_value_heads=1), task="sequence-classification")
+        >>> sdpa = tiny("mistral", sliding_window=8, num_key_value_heads=1)
+        >>> check_packing_support(sdpa, task="sequence-classification")
         Traceback (most recent call last):
         ...
         ValueError: MistralForSequenceClassification has sliding-window or local attention (window 8): ...
