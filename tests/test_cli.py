@@ -74,6 +74,7 @@ def test_fit_help(capsys, monkeypatch):
     assert "--model.num_labels" not in out  # linked: the number of classes comes from the data
 
 
+@pytest.mark.slow
 def test_stats_on_the_corpus_with_plot(tmp_path, capsys):
     assert (
         main(["stats", "--max-tokens", "16384", "--plot", str(tmp_path / "s.png"), "--json", str(tmp_path / "s.json")])
