@@ -770,7 +770,12 @@ _HANDLERS = {"stats": _stats, "demo": _demo, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``txopt`` console script; returns the exit status (2: a user error, printed in one line)."""
+    """Entry point of the ``txopt`` console script; returns the exit status (2: a user error, printed in one line).
+
+    Example:
+        >>> main(["stats", "--batch-size", "0"])  # stderr: txopt stats: error: argument --batch-size: must be ...
+        2
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     prog = f"txopt {argv[0]}" if argv and argv[0] in ("stats", "fit", "demo", "bench") else "txopt"

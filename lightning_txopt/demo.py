@@ -94,8 +94,10 @@ def reset_peak_rss() -> bool:
     Example:
         >>> import numpy as np, sys
         >>> big = np.ones(2**27 // 8); del big  # 128 MiB, resident for a moment
-        >>> if reset_peak_rss():
-        ...     assert peak_rss_mib() < _current_rss_mib() + 64  # the 128 MiB peak is forgotten
+        >>> reset_peak_rss() or sys.platform != "linux"
+        True
+        >>> peak_rss_mib() < _current_rss_mib() + 64 or sys.platform != "linux"  # the 128 MiB peak is forgotten
+        True
     """
     gc.collect()
     libc_name = ctypes.util.find_library("c")
@@ -127,6 +129,11 @@ def peak_rss_mib() -> float:
     """The process's peak resident memory (``VmHWM``) in MiB since the start or the last :func:`reset_peak_rss`.
 
     NaN where ``/proc/self/status`` is missing.
+
+    Example:
+        >>> import sys
+        >>> peak_rss_mib() > 10 or sys.platform != "linux"
+        True
     """
     return _status_mib("VmHWM")
 
