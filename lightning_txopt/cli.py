@@ -544,7 +544,13 @@ def _demo(args: argparse.Namespace) -> int:
     (out / "demo.json").write_text(json.dumps(report, indent=2))
     if plot:
         title = f"txopt demo on {name}: {model_name}, {n - n_val:,} train texts, {s['classes']} classes"
-        subtitle = f"{baseline_name}\n{optimised_name}"
+        steps = baseline.optimizer_steps, optimised.optimizer_steps
+        same = (
+            f"same texts, {steps[0]} optimizer steps each"
+            if steps[0] == steps[1]
+            else f"{steps[0]} vs {steps[1]} steps"
+        )
+        subtitle = f"{baseline_name}\n{optimised_name}\n({same})"
         _plot_demo(results, str(out / "demo.png"), title, subtitle, majority)
         print(f"\nresults: {out / 'demo.json'}, chart: {out / 'demo.png'}")
     else:
@@ -613,8 +619,8 @@ def _plot_demo(results: Sequence[Any], path: str, title: str, subtitle: str, maj
         for i, v in enumerate(values):
             ax.text(i, v, _fmt(v, spec), ha="center", va="bottom")
     if majority == majority:
-        axes[3].axhline(majority, color="#c44e52", linestyle="--", linewidth=1)
-        axes[3].text(0.5, majority, f"largest class {majority:.3f}", ha="center", va="bottom", color="#c44e52")
+        axes[3].axhline(majority, color="#c44e52", linestyle="--", linewidth=1, label=f"largest class: {majority:.3f}")
+        axes[3].legend(loc="lower center", fontsize=8, framealpha=1.0)
     fig.suptitle(f"{title}\n{subtitle}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
