@@ -415,8 +415,9 @@ def _device_name(device: str) -> str:
 
 
 # What the demo does on each device when no option says otherwise. CPU: a small, clearly learnable task that runs in
-# about a minute on 2 cores (the 4 largest categories; a learning rate for 17 steps). GPU: the whole corpus, 40 classes,
-# the Hugging Face Trainer recipe's learning rate (docs/gpu_compare.md: ~0.53 accuracy after 2 epochs of batch 32).
+# about a minute on 2 cores (the 4 largest categories; a learning rate for 17 steps). GPU: the whole corpus, 40
+# classes, the Hugging Face Trainer recipe's learning rate (docs/results/time_to_accuracy_h200.md: 0.535 after 2 epochs
+# of batch 32).
 _DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {"classes": 4, "limit": 700, "max_length": 128, "epochs": 1, "lr": 3e-4, "val_fraction": 0.25},
     "cuda": {"classes": 40, "limit": None, "max_length": 512, "epochs": 2, "lr": 5e-5, "val_fraction": 0.1},
