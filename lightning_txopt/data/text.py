@@ -342,7 +342,8 @@ class TextDataModule(BucketDataModule):
                 "--data.pad_token_id ID)" + (f"; its eos token id is {eos}." if eos is not None else ".")
             )
         kwargs.setdefault("tokenizer", tok)
-        kwargs.setdefault("causal", task == "causal-lm")
+        if kwargs.get("strategy") == "packed":  # next-token labels: no sample predicts the next one
+            kwargs.setdefault("causal", task == "causal-lm")
         super().__init__(max_length=max_length, **kwargs)
         self.tokenizer = tok
         self.data = data
