@@ -168,8 +168,12 @@ def plain_loop_row(
     *,
     hf_loss: bool = False,
     trainer_batches: bool = False,
+    precollated: bool = False,
 ) -> dict[str, Any]:
-    """``trainer_batches``: iterate the HF Trainer's length-grouped batches of 32 (multiple of 8) instead of ours."""
+    """``trainer_batches``: iterate the HF Trainer's length-grouped batches of 32 (multiple of 8) instead of ours.
+
+    ``precollated``: collate every batch and move it to the device before the loop (no data path in the timing).
+    """
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     window = Window(settings.warmup, settings.steps)
@@ -187,12 +191,24 @@ def plain_loop_row(
     reset_memory(cuda)
     step = 0
     total = settings.warmup + settings.steps
+
+    def batches() -> Any:
+        while True:
+            for indices in sampler:
+                chosen = [samples[i] for i in indices]
+                yield chosen, collate(chosen)
+            sampler.set_epoch(sampler.epoch + 1)
+
+    source: Any = batches()
+    if precollated:
+        ready = []
+        for _, (chosen, batch) in zip(range(total), source, strict=False):
+            ready.append((chosen, {k: v.to(device) for k, v in batch.items()}))
+        source = iter(ready)
     while step < total:
-        for indices in sampler:
+        for chosen, batch in source:
             if step >= total:
                 break
-            chosen = [samples[i] for i in indices]
-            batch = collate(chosen)
             window.batch(step, _lengths(chosen), batch["input_ids"].numel())
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -205,7 +221,6 @@ def plain_loop_row(
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-        sampler.set_epoch(sampler.epoch + 1)
     window.end()
     del model, opt
     return window.row(title, peak_gib(cuda))

@@ -389,6 +389,10 @@ def check_packing_support(
     was_training = model.training
     model.eval()
     pooling: Pooling | None = None
+    # TF32 matmuls (float32_matmul_precision "high", Lightning's advice on Ampere+) differ by ~5e-3 from fp32: compare
+    # in full fp32, so that the tolerance can stay tight enough to catch a mask that leaks by that much
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         with torch.no_grad():
             base = model if task == "causal-lm" else getattr(model, "base_model", model)
@@ -423,6 +427,7 @@ def check_packing_support(
         ) from err
     finally:
         model.train(was_training)
+        torch.set_float32_matmul_precision(matmul_precision)
     return PackingSupport(name, _attn_implementation(model), offset, pooling, attention_window(model))
 
 
