@@ -156,6 +156,12 @@ def define_rows(settings: Settings) -> list[Row]:
             "plain", f"plain PyTorch loop: our token-budget batches ({T}), bf16, AdamW fused", "plain", groups=("pair",)
         ),
         Row(
+            "plain_precollated",
+            f"plain PyTorch loop: the same batches ({T}) collated and on the GPU before timing, bf16, AdamW fused",
+            "plain",
+            options=dict(precollated=True),
+        ),
+        Row(
             "plain_hf_loss",
             "plain PyTorch loop, same batches, labels passed to the model (its own loss)",
             "plain",

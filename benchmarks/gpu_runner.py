@@ -168,8 +168,12 @@ def plain_loop_row(
     *,
     hf_loss: bool = False,
     trainer_batches: bool = False,
+    precollated: bool = False,
 ) -> dict[str, Any]:
-    """``trainer_batches``: iterate the HF Trainer's length-grouped batches of 32 (multiple of 8) instead of ours."""
+    """``trainer_batches``: iterate the HF Trainer's length-grouped batches of 32 (multiple of 8) instead of ours.
+
+    ``precollated``: collate every batch and move it to the device before the loop (no data path in the timing).
+    """
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     window = Window(settings.warmup, settings.steps)
@@ -187,12 +191,24 @@ def plain_loop_row(
     reset_memory(cuda)
     step = 0
     total = settings.warmup + settings.steps
+
+    def batches() -> Any:
+        while True:
+            for indices in sampler:
+                chosen = [samples[i] for i in indices]
+                yield chosen, collate(chosen)
+            sampler.set_epoch(sampler.epoch + 1)
+
+    source: Any = batches()
+    if precollated:
+        ready = []
+        for _, (chosen, batch) in zip(range(total), source, strict=False):
+            ready.append((chosen, {k: v.to(device) for k, v in batch.items()}))
+        source = iter(ready)
     while step < total:
-        for indices in sampler:
+        for chosen, batch in source:
             if step >= total:
                 break
-            chosen = [samples[i] for i in indices]
-            batch = collate(chosen)
             window.batch(step, _lengths(chosen), batch["input_ids"].numel())
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -205,7 +221,6 @@ def plain_loop_row(
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-        sampler.set_epoch(sampler.epoch + 1)
     window.end()
     del model, opt
     return window.row(title, peak_gib(cuda))
@@ -265,6 +280,22 @@ class CountingCollator:
         batch = self.collate(samples)
         self.pending.append((_lengths(samples), int(batch["input_ids"].numel())))
         return batch
+
+
+class CountingDataModule(BucketDataModule):
+    """A BucketDataModule whose ``count_split`` batches pass through a :class:`CountingCollator` (picklable)."""
+
+    def __init__(self, *args: Any, count_split: str = "train", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_split = count_split
+        self.counter = CountingCollator(None)
+
+    def collator_for(self, split: str, max_tokens: int | None = None) -> Any:
+        collate = super().collator_for(split, max_tokens)
+        if split != self.count_split:
+            return collate
+        self.counter.collate = collate
+        return self.counter
 
 
 class _LightningWindow(pl.Callback):
@@ -347,7 +378,7 @@ def lightning_row(
     window = Window(warm, settings.steps)
     budget = max_tokens or settings.max_tokens
     new_dm: dict[str, Any] = {} if static_shapes is None else {"static_shapes": static_shapes}
-    dm = BucketDataModule(
+    dm = CountingDataModule(
         workload.samples,
         pad_token_id=0,
         strategy=strategy,  # type: ignore[arg-type]
@@ -359,8 +390,7 @@ def lightning_row(
         causal=causal,
         **new_dm,
     )
-    counter = CountingCollator(dm.collator)
-    dm.collator = counter  # type: ignore[assignment]
+    counter = dm.counter
     torch.manual_seed(0)
     new_module: dict[str, Any] = {} if module_compile is None else {"compile": module_compile}
     if module_compile:

@@ -34,7 +34,7 @@ from lightning_txopt.module import TransformerModule
 from lightning_txopt.precision import resolve_precision
 from lightning_txopt.predict import OrderedPredictionWriter, restore_order
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "VARLEN_ATTENTION",

@@ -138,3 +138,13 @@ def test_pooling_and_causality_helpers():
     assert pool_packed(hidden, batch, "mean")[:2].flatten().tolist() == [1.0, 4.5]
     assert pool_packed(hidden, batch, "last")[:2].flatten().tolist() == [2.0, 5.0]
     assert torch.isfinite(pool_packed(hidden, batch, "mean")).all()  # filler slots stay finite
+
+
+def test_the_probe_compares_in_full_fp32_and_restores_the_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs: ~5e-3 off, more than a leaking mask
+    try:
+        check_packing_support(FAMILIES["bert"].build(), task="sequence-classification")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
