@@ -165,6 +165,16 @@ class FrozenEmbeddings:
         num_parameters: Number of frozen scalars.
         tied: ``{frozen parameter: other names of the same tensor}`` for weights shared with modules that are not
             input embeddings (an LM head tied to the token embedding); empty after ``untie=True``.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                              intermediate_size=8, vocab_size=20, max_position_embeddings=16))
+        >>> result = freeze_embeddings(model)
+        >>> result.modules
+        ['embeddings.word_embeddings', 'embeddings.position_embeddings', 'embeddings.token_type_embeddings']
+        >>> result.num_parameters, result.optimizer_bytes_saved(), result.tied  # 20*8 + 16*8 + 2*8 scalars
+        (304, 2432, {})
     """
 
     modules: list[str]
@@ -310,6 +320,15 @@ def unfreeze_embeddings(model: nn.Module, frozen: FrozenEmbeddings | Sequence[st
 
     Returns:
         The parameters made trainable (each tensor once).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                              intermediate_size=8, vocab_size=20, max_position_embeddings=16))
+        >>> result = freeze_embeddings(model)
+        >>> params = unfreeze_embeddings(model, result)
+        >>> len(params), model.embeddings.word_embeddings.weight.requires_grad
+        (3, True)
     """
     names = frozen.parameters if isinstance(frozen, FrozenEmbeddings) else list(frozen)
     params = dict(model.named_parameters(remove_duplicate=False))

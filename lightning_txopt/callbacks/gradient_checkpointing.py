@@ -35,7 +35,13 @@ _MODES = ("full", "selective")
 
 
 def selective_checkpointing_available() -> bool:
-    """Whether the installed torch has selective activation checkpointing (``create_selective_checkpoint_contexts``)."""
+    """Whether the installed torch has selective activation checkpointing (``create_selective_checkpoint_contexts``).
+
+    Example:
+        >>> mode = "selective" if selective_checkpointing_available() else "full"  # selective needs torch >= 2.5
+        >>> GradientCheckpointing(every_n_layers=2, mode=mode).mode in ("selective", "full")
+        True
+    """
     import torch.utils.checkpoint as tc
 
     return hasattr(tc, "create_selective_checkpoint_contexts") and hasattr(tc, "CheckpointPolicy")
@@ -117,6 +123,15 @@ class CheckpointingPlan:
         block_lists: Qualified names of every block list, in model order (each stack of an encoder-decoder; empty
             when the Hugging Face mechanism is used on a model whose blocks are not detectable).
         blocks_per_list: Number of blocks of each of ``block_lists``.
+
+    Example:
+        >>> model = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=3, num_decoder_layers=2,
+        ...                        dim_feedforward=16, batch_first=True)
+        >>> plan = enable_gradient_checkpointing(model, every_n_layers=2)
+        >>> plan.mechanism, plan.block_lists, plan.blocks_per_list, plan.num_blocks
+        ('wrap', ('encoder.layers', 'decoder.layers'), (3, 2), 5)
+        >>> plan.checkpointed, plan.checkpointed_in("encoder.layers"), plan.checkpointed_in("decoder.layers")
+        ((0, 2, 3), (0, 2), (0,))
     """
 
     mechanism: str
@@ -145,6 +160,14 @@ def hf_checkpointing_enable(model: nn.Module, use_reentrant: bool = False) -> No
 
     transformers 5.2x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
     name warns); earlier releases only have the old one.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        ...                              intermediate_size=8, vocab_size=20))
+        >>> hf_checkpointing_enable(model)
+        >>> any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # the model's own flag
+        True
     """
     kwargs = {"use_reentrant": use_reentrant}
     enable = getattr(model, "activation_checkpointing_enable", None)
@@ -266,7 +289,18 @@ def _native_plan(model: nn.Module, mode: Mode) -> CheckpointingPlan:
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:
-    """Undo :func:`enable_gradient_checkpointing` (both mechanisms)."""
+    """Undo :func:`enable_gradient_checkpointing` (both mechanisms).
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        >>> _ = enable_gradient_checkpointing(model)
+        >>> "forward" in vars(model.layers[0])  # the block's forward runs under torch.utils.checkpoint
+        True
+        >>> disable_gradient_checkpointing(model)
+        >>> "forward" in vars(model.layers[0])
+        False
+    """
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), _CheckpointedForward):
             del module.forward
@@ -290,6 +324,20 @@ class GradientCheckpointing(Callback):
 
     Raises:
         ValueError: On invalid arguments (checked here, not at fit time).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_txopt import BucketDataModule, TransformerModule
+        >>> module = TransformerModule(config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 4,
+        ...     "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 50}, num_labels=2)
+        >>> samples = [{"input_ids": list(range(5, 5 + n)), "labels": n % 2} for n in (2, 3, 4, 5) * 2]
+        >>> data = BucketDataModule(samples, pad_token_id=0, batch_size=4, shuffle=False)
+        >>> checkpointing = GradientCheckpointing(every_n_layers=2)  # blocks 0 and 2 of 4
+        >>> trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[checkpointing], logger=False,
+        ...     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, datamodule=data)
+        >>> checkpointing.plan.mechanism, checkpointing.plan.block_lists, checkpointing.plan.checkpointed
+        ('wrap', ('bert.encoder.layer',), (0, 2))
     """
 
     def __init__(

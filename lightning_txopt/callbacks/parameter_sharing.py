@@ -79,6 +79,13 @@ class SharingResult:
         params_after: Unique parameters after sharing.
         block_lists: Every block list shared, in model order (each stack of an encoder-decoder).
         mappings: The mapping of each of ``block_lists``.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+        >>> result = share_layers(model, num_unique_layers=2, strategy="cycle_rev")
+        >>> result.block_list, result.mapping, result.params_before, result.params_after
+        ('layers', (0, 1, 1, 0), 2400, 1200)
     """
 
     block_list: str
@@ -285,6 +292,22 @@ class ParameterSharing(Callback):
     Raises:
         ValueError: On invalid arguments (checked here); in ``setup``, whatever :func:`share_layers` refuses (a layer
             count that leaves nothing to share, blocks that differ beyond their weights).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_txopt import BucketDataModule, TransformerModule
+        >>> module = TransformerModule(config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 4,
+        ...     "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 50}, num_labels=2)
+        >>> samples = [{"input_ids": list(range(5, 5 + n)), "labels": n % 2} for n in (2, 3, 4, 5) * 2]
+        >>> data = BucketDataModule(samples, pad_token_id=0, batch_size=4, shuffle=False)
+        >>> sharing = ParameterSharing(2, strategy="cycle")  # 4 layers, 2 unique blocks: 1, 2, 1, 2
+        >>> trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[sharing], logger=False,
+        ...     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, datamodule=data)
+        >>> sharing.result.mapping, sharing.result.params_before, sharing.result.params_after
+        ((0, 1, 0, 1), 18258, 13810)
+        >>> module.model.bert.encoder.layer[0] is module.model.bert.encoder.layer[2]
+        True
     """
 
     def __init__(

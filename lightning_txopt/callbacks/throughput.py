@@ -88,6 +88,23 @@ class TokenThroughputMonitor(Callback):
     Raises:
         ValueError: If ``log_every_n_steps < 1``, ``flops_per_token`` is another string than ``"auto"`` or
             ``reset_peak_memory`` is not a bool.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_txopt import BucketDataModule, TransformerModule
+        >>> module = TransformerModule(config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 4,
+        ...     "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 50}, num_labels=2)
+        >>> samples = [{"input_ids": list(range(5, 5 + n)), "labels": n % 2} for n in (2, 3, 4, 5) * 2]
+        >>> data = BucketDataModule(samples, pad_token_id=0, batch_size=4, shuffle=False)
+        >>> monitor = TokenThroughputMonitor(log_every_n_steps=1)
+        >>> trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[monitor], logger=False,
+        ...     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, datamodule=data)
+        >>> monitor.totals  # batches of lengths 2, 2, 3, 3 and 4, 4, 5, 5: 28 real tokens, padded to 3 and 5: 32
+        {'real_tokens': 28, 'processed_tokens': 32, 'samples': 8}
+        >>> sorted(monitor.last)  # the last log's metrics (on a GPU also peak memory and MFU)
+        ['throughput/padding_fraction', 'throughput/processed_tokens_per_sec', 'throughput/real_tokens_per_sec', \
+'throughput/samples_per_sec']
     """
 
     def __init__(

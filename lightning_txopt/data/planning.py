@@ -94,6 +94,16 @@ class EpochPlan:
         skipped: Ids of samples left out of the epoch (``oversize="skip"``, or ``drop_last``).
         repeated: Ids of samples yielded twice. Only when the batches cannot be dealt evenly any other way: every
             batch holds a single sample and their count does not divide by ``num_replicas``.
+
+    Example:
+        >>> lengths = np.array([5, 1, 4, 2, 3, 1, 2])
+        >>> plan = plan_epoch(lengths, batch_size=2, shuffle=False, num_replicas=2)
+        >>> plan.num_batches, plan.num_steps, plan.sizes.tolist()
+        (4, 2, [2, 2, 2, 1])
+        >>> [b.tolist() for b in plan.rank_batches(0)], [b.tolist() for b in plan.rank_batches(1)]
+        ([[1, 5], [0]], [[3, 6], [4, 2]])
+        >>> plan.padded_tokens(lengths).tolist()  # len(batch) * its longest sample, by batch id
+        [2, 4, 8, 5]
     """
 
     indices: np.ndarray

@@ -21,7 +21,15 @@ STRATEGIES = ("fixed", "dynamic", "bucket", "packed")
 
 @dataclasses.dataclass(frozen=True)
 class PaddingRow:
-    """One row of :func:`padding_report`; readable as attributes or as a mapping (``row["efficiency"]``)."""
+    """One row of :func:`padding_report`; readable as attributes or as a mapping (``row["efficiency"]``).
+
+    Example:
+        >>> row = padding_report([3, 9, 4, 8], batch_size=2, strategies=["bucket"])[0]
+        >>> row.batches, row.real_tokens, row.processed_tokens, round(row.efficiency, 3)  # batches of 3+4 and 8+9
+        (2, 24, 26, 0.923)
+        >>> row["strategy"], dict(row)["processed_tokens"]
+        ('bucket', 26)
+    """
 
     strategy: str
     batches: int

@@ -282,7 +282,7 @@ def load_records(
 
 
 class TextDataModule(BucketDataModule):
-    """Tokenise a text data set once and serve it with length-aware batches.
+    r"""Tokenise a text data set once and serve it with length-aware batches.
 
     Args:
         data: A ``.jsonl``/``.csv``/``.tsv`` file or a saved HF dataset folder; ``None`` is the embedded fortunes
@@ -306,6 +306,23 @@ class TextDataModule(BucketDataModule):
             not a positive integer, a tokenizer without a pad token (and no ``pad_token_id``), too few records for a
             training sample, or a bad record (see :func:`load_records`).
         FileNotFoundError: If ``data`` or ``tokenizer`` does not exist.
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "reviews.jsonl"
+        >>> rows = [{"text": "good " * (i % 7 + 1), "label": ["neg", "pos"][i % 2]} for i in range(20)]
+        >>> _ = path.write_text("\n".join(json.dumps(r) for r in rows))
+        >>> class Chars:  # any callable tokenizer with a pad token works; here: one id per character
+        ...     pad_token_id = 0
+        ...     def __call__(self, texts, truncation, max_length):
+        ...         return {"input_ids": [[ord(c) % 97 + 1 for c in t][:max_length] for t in texts]}
+        >>> dm = TextDataModule(str(path), Chars(), val_fraction=0.2, max_length=32, max_tokens=64)
+        >>> dm.setup("fit")
+        >>> dm.label_names, len(dm.datasets["train"]), len(dm.datasets["val"])
+        (['neg', 'pos'], 16, 4)
+        >>> batch = next(iter(dm.train_dataloader()))  # length-grouped, at most 64 padded tokens
+        >>> batch["input_ids"].numel() <= 64, sorted(batch)
+        (True, ['attention_mask', 'input_ids', 'labels'])
     """
 
     def __init__(
