@@ -44,6 +44,18 @@ def load_tokenizer(tokenizer: Any | str | Path | None) -> Any:
 
     Raises:
         FileNotFoundError: If a path or name cannot be loaded.
+
+    Example:
+        >>> class Chars:  # an object is returned as it is
+        ...     pad_token_id = 0
+        >>> tokenizer = Chars()
+        >>> load_tokenizer(tokenizer) is tokenizer
+        True
+        >>> import tempfile
+        >>> load_tokenizer(tempfile.mkdtemp())  # a folder without a tokenizer in it
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: Could not load a tokenizer from '...': give the folder of a saved Hugging Face tokenizer ...
     """
     if tokenizer is None or isinstance(tokenizer, str | Path):
         from transformers import AutoTokenizer
