@@ -74,6 +74,15 @@ def _samples(n: int, seed: int) -> list[dict[str, Any]]:
     return [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in make_samples(n, seed=seed, num_labels=40)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine two threads each were 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")

@@ -380,8 +380,19 @@ class FreezeEmbeddings(Callback):
             parameters were in no optimizer and there are several (which one should train them is ambiguous).
 
     Example:
-        >>> FreezeEmbeddings(unfreeze_at_epoch=2, lr_factor=0.1).lr_factor
-        0.1
+        >>> import lightning.pytorch as pl
+        >>> from lightning_txopt import BucketDataModule, TransformerModule
+        >>> module = TransformerModule(config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 2,
+        ...     "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 50}, num_labels=2)
+        >>> samples = [{"input_ids": list(range(5, 5 + n)), "labels": n % 2} for n in (2, 3, 4, 5) * 2]
+        >>> data = BucketDataModule(samples, pad_token_id=0, batch_size=4)
+        >>> freeze = FreezeEmbeddings()  # or FreezeEmbeddings(unfreeze_at_epoch=2, lr_factor=0.1)
+        >>> trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[freeze], logger=False,
+        ...     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, datamodule=data)
+        >>> table = module.model.bert.embeddings.word_embeddings.weight
+        >>> table.requires_grad, any(p is table for g in trainer.optimizers[0].param_groups for p in g["params"])
+        (False, False)
     """
 
     def __init__(
