@@ -7,13 +7,27 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_txopt.callbacks.accumulation import estimated_optimizer_steps
-from lightning_txopt.data.packing import check_packing_support, packed_classification_logits
+from lightning_txopt.data.packing import is_packed
+from lightning_txopt.models.attention import (
+    VARLEN_ATTENTION,
+    attention_dropout,
+    register_varlen_attention,
+    segment_ids,
+    varlen_kernel_available,
+)
+from lightning_txopt.models.packing import (
+    PackingSupport,
+    check_packing_support,
+    packed_classification_logits,
+    packed_model_inputs,
+)
 
 __all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
 
@@ -71,9 +85,18 @@ class TransformerModule(pl.LightningModule):
     warm-up and decay over the *true* number of optimizer steps (:func:`estimated_optimizer_steps`), validation
     accuracy (classification) or perplexity (causal LM) with torchmetrics, synchronised across ranks.
 
-    Packed batches (``strategy="packed"``) work for both tasks: classification pools each sample at its own first
-    token (BERT-style heads) or last token (decoder heads); at fit start the model is checked to keep packed samples
-    apart, else a clear ``ValueError``.
+    Packed batches (``strategy="packed"``; a batch is packed when it carries ``cu_seq_lens_q``) work for both
+    tasks. With ``attn_implementation="auto"`` (the default) the model runs the varlen attention backend
+    (:func:`~lightning_txopt.models.use_varlen_attention`): packed batches go to FlashAttention's variable-length
+    kernel on CUDA in bf16/fp16 (no mask, the model's sliding windows applied) and to an exact block-masked SDPA
+    elsewhere; padded batches run SDPA as before. Classification pools each packed sample the way the model's own
+    head does (first token, last token or mean) and runs the model's own head on it. The first packed batch of any
+    stage (fit, validate, test, predict) is preceded by :func:`~lightning_txopt.models.check_packing_support`: a model
+    that would mix packed samples is refused with a ``ValueError`` before any step.
+
+    Evaluation logs ``val_loss``/``val_acc`` (or ``val_ppl``) and ``test_loss``/``test_acc`` (or ``test_ppl``), summed
+    over all ranks; :meth:`predict_step` returns each sample's dataset position (``"index"``, from the batch) with its
+    logits, so that :func:`~lightning_txopt.restore_order` can put predictions back in dataset order.
 
     Loss contract (:attr:`loss_reduction`): ``training_step`` returns the mean loss over the batch's items, or their
     sum when ``loss_reduction == "sum"``. The default ``"auto"`` means "mean, unless a callback that normalises by
@@ -92,7 +115,12 @@ class TransformerModule(pl.LightningModule):
         warmup: Warm-up length: a fraction of the optimizer steps (< 1) or a step count (>= 1).
         betas: AdamW betas.
         eps: AdamW epsilon.
-        attn_implementation: Passed to Hugging Face (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ...).
+        attn_implementation: ``"auto"`` (the varlen backend: SDPA for padded batches, the varlen kernel or an exact
+            fallback for packed ones) or a Hugging Face name passed through (``"sdpa"``, ``"eager"``,
+            ``"flash_attention_2"``, ...).
+        compile: Run the model under ``torch.compile`` (compiled on first use). With static shapes
+            (``BucketDataModule(strategy="packed", static_shapes=True)``) it compiles once; with bucketed batches,
+            ``pad_to_lengths`` bounds the number of shapes, hence of recompilations.
         loss_reduction: ``"auto"``, ``"mean"`` or ``"sum"`` (see the loss contract above).
         head_lr_factor: The task head's learning rate is ``learning_rate * head_lr_factor`` (same schedule). The head
             is every parameter outside the backbone (``model.base_model``): a classifier's freshly initialised
@@ -118,9 +146,10 @@ class TransformerModule(pl.LightningModule):
         warmup: float = 0.06,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        attn_implementation: str | None = "sdpa",
+        attn_implementation: str | None = "auto",
         head_lr_factor: float = 1.0,
         loss_reduction: LossReduction = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if (model is None) == (config is None):
@@ -145,12 +174,18 @@ class TransformerModule(pl.LightningModule):
         self.eps = eps
         self.head_lr_factor = head_lr_factor
         self.loss_reduction: LossReduction = loss_reduction
+        self.compile_model = compile
         self._loss_in_progress_bar = True
         self._schedule = _WarmupDecay(self.warmup)
-        if task == "sequence-classification":
-            self.val_accuracy = MulticlassAccuracy(num_classes=int(hf_model.config.num_labels), average="micro")
-        self.val_loss_sum = SumMetric()
-        self.val_items = SumMetric()
+        self._packing: PackingSupport | None = None  # set by the first packed batch's check
+        self._compiled: dict[str, Any] = {}  # torch.compile wrappers, kept out of the module tree (and state_dict)
+        self._dropout_checked = False
+        num_classes = int(hf_model.config.num_labels)
+        for stage in ("val", "test"):  # metrics are summed over every rank when computed
+            if task == "sequence-classification":
+                setattr(self, f"{stage}_accuracy", MulticlassAccuracy(num_classes=num_classes, average="micro"))
+            setattr(self, f"{stage}_loss_sum", SumMetric())
+            setattr(self, f"{stage}_items", SumMetric())
 
     @staticmethod
     def _build(model: str | None, config: Any, task: Task, num_labels: int | None, attn: str | None) -> nn.Module:
@@ -160,31 +195,102 @@ class TransformerModule(pl.LightningModule):
         kwargs: dict[str, Any] = {}
         if num_labels is not None and task == "sequence-classification":
             kwargs["num_labels"] = num_labels
-        if attn is not None:
-            kwargs["attn_implementation"] = attn
-        if model is not None:
-            # fp32 master weights whatever the checkpoint's dtype (transformers 5 keeps a bf16 file's dtype by
-            # default): Lightning's precision plugin, not the checkpoint, decides what runs in lower precision
-            return auto.from_pretrained(model, dtype=torch.float32, **kwargs)
         if isinstance(config, dict):
             config = dict(config)
             model_type = config.pop("model_type", None)
             if model_type is None:
                 raise ValueError("A `config` dict needs a 'model_type' (e.g. 'bert', 'gpt2').")
             config = AutoConfig.for_model(model_type, **config)
-        if "num_labels" in kwargs:
+        if config is not None and "num_labels" in kwargs:
             config.num_labels = kwargs.pop("num_labels")
-        return auto.from_config(config, **kwargs)
 
-    # ------------------------------------------------------------------ loss
-    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k in _MODEL_KEYS}
+        def build(implementation: str | None) -> nn.Module:
+            extra = dict(kwargs)
+            if implementation is not None:
+                extra["attn_implementation"] = implementation
+            if model is not None:
+                # fp32 master weights whatever the checkpoint's dtype (transformers 5 keeps a bf16 file's dtype by
+                # default): Lightning's precision plugin, not the checkpoint, decides what runs in lower precision
+                return auto.from_pretrained(model, dtype=torch.float32, **extra)
+            return auto.from_config(config, **extra)
 
-    def count_loss_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if attn != "auto":
+            return build(attn)
+        try:
+            return build(register_varlen_attention())
+        except (ValueError, NotImplementedError) as err:  # attention that does not dispatch through the interface
+            rank_zero_info(f"TransformerModule: attn_implementation='auto' falls back to 'sdpa' ({err}).")
+            return build("sdpa")
+
+    # ------------------------------------------------------------------ forward and loss
+    def _run(self, name: str, module: nn.Module) -> Any:
+        """``module`` itself, or its ``torch.compile`` wrapper with ``compile=True`` (made once per entry point)."""
+        if not self.compile_model:
+            return module
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(module)
+        return self._compiled[name]
+
+    def _check_packed(self) -> PackingSupport:
+        """The first packed batch checks that the model keeps packed samples apart (else a ValueError)."""
+        if self._packing is None:
+            self._packing = check_packing_support(
+                self.model, task="sequence-classification" if self.task == "sequence-classification" else "base"
+            )
+        return self._packing
+
+    def _warn_dropout_once(self, batch: dict[str, Any]) -> None:
+        """Packed training batches on the varlen kernel get no attention dropout: say so once."""
+        self._dropout_checked = True
+        ids = batch["input_ids"]
+        half = torch.is_autocast_enabled(ids.device.type) and torch.get_autocast_dtype(ids.device.type) in (
+            torch.bfloat16,
+            torch.float16,
+        )
+        dtype = next(self.model.parameters()).dtype
+        kernel = varlen_kernel_available(ids.device, torch.get_autocast_dtype(ids.device.type) if half else dtype)
+        p = attention_dropout(self.model)
+        if kernel and p > 0 and getattr(self.model.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+            rank_zero_warn(
+                f"TransformerModule: {type(self.model).__name__} has attention dropout {p}, which the varlen kernel "
+                "does not apply: packed batches train without attention dropout (hidden-state dropout still "
+                "applies). Set the attention dropout to 0 to silence this, or use strategy='bucket'."
+            )
+
+    def forward_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits of a batch: ``(samples, classes)`` for classification, ``(rows, width, vocab)`` for causal LMs.
+
+        Packed batches (``cu_seq_lens_q`` present) are checked once, then run as
+        :func:`~lightning_txopt.models.packed_model_inputs` says for the model's attention implementation.
+        """
+        if not is_packed(batch):
+            inputs = {k: v for k, v in batch.items() if k in _MODEL_KEYS}
+            return self._run("model", self.model)(**inputs).logits
+        support = self._check_packed()
+        if self.training and not self._dropout_checked:
+            self._warn_dropout_once(batch)
+        if self.task == "sequence-classification":
+            assert support.pooling is not None
+            base = self._run("base", self.model.base_model)
+            logits, _ = packed_classification_logits(self.model, batch, support.pooling, base=base)
+            return logits
+        rows, width = batch["input_ids"].shape
+        out = self._run("model", self.model)(**packed_model_inputs(self.model, batch)).logits
+        return out.reshape(rows, width, -1)
+
+    def _lm_targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Next-token targets ``labels[:, 1:]``; in packed rows none across a boundary (where a segment starts)."""
+        labels = batch["labels"][..., 1:]
+        if is_packed(batch):
+            labels = labels.masked_fill(batch["position_ids"][..., 1:] == 0, -100)
+        return labels
+
+    def count_loss_items(self, batch: dict[str, Any]) -> torch.Tensor:
         """The items a batch's loss sums over: what ``loss_reduction="sum"`` divides by to give the mean.
 
         A 0-dim tensor on the batch's device. Classification: labels ``!= -100``. Causal LM: the shifted labels
-        ``labels[:, 1:] != -100`` (the first position of each row predicts nothing).
+        ``labels[:, 1:] != -100`` (the first position of each row predicts nothing, nor, in packed rows, the last
+        token of a sample the first of the next).
 
         Example:
             >>> m = TransformerModule(config={"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2,
@@ -192,25 +298,19 @@ class TransformerModule(pl.LightningModule):
             >>> int(m.count_loss_items({"labels": torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])}))
             3
         """
-        labels = batch["labels"]
-        if self.task == "causal-lm":
-            labels = labels[..., 1:]
+        labels = self._lm_targets(batch) if self.task == "causal-lm" else batch["labels"]
         return (labels != -100).sum()
 
     def loss_and_items(
-        self, batch: dict[str, torch.Tensor], reduction: Literal["mean", "sum"]
+        self, batch: dict[str, Any], reduction: Literal["mean", "sum"]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, item count, logits)`` of a batch; items as :meth:`count_loss_items` counts them."""
-        if "cls_index" in batch and self.task == "sequence-classification":  # packed rows: pool each sample
-            logits = packed_classification_logits(self.model, batch)
-        else:
-            logits = self.model(**self._model_inputs(batch)).logits
-        labels = batch["labels"]
+        logits = self.forward_logits(batch)
         if self.task == "causal-lm":
+            labels = self._lm_targets(batch).reshape(-1)
             logits_flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-            labels = labels[:, 1:].reshape(-1)
         else:
-            logits_flat = logits
+            labels, logits_flat = batch["labels"], logits
         loss = F.cross_entropy(logits_flat.float(), labels, ignore_index=-100, reduction=reduction)
         return loss, (labels != -100).sum(), logits
 
@@ -219,9 +319,6 @@ class TransformerModule(pl.LightningModule):
         # Lightning turns progress-bar values into numbers after every batch: one host-device sync per step. Only pay
         # for it when there is a progress bar to show the loss in (the loss is logged either way).
         self._loss_in_progress_bar = getattr(self.trainer, "progress_bar_callback", None) is not None
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if getattr(datamodule, "strategy", None) == "packed":  # fail now, clearly, rather than mix samples
-            check_packing_support(self.model, causal=self.task == "causal-lm")
 
     @override
     def on_train_start(self) -> None:
@@ -233,35 +330,96 @@ class TransformerModule(pl.LightningModule):
         return self.model(**inputs)
 
     @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         summed = self.loss_reduction == "sum"
         loss, items, _ = self.loss_and_items(batch, "sum" if summed else "mean")
         mean = loss.detach() / items.clamp_min(1) if summed else loss.detach()
         self.log("train_loss", mean, prog_bar=self._loss_in_progress_bar, batch_size=int(batch["input_ids"].shape[0]))
         return loss
 
-    @override
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _evaluate(self, stage: str, batch: dict[str, Any]) -> None:
         loss_sum, items, logits = self.loss_and_items(batch, "sum")
-        self.val_loss_sum.update(loss_sum.detach())
-        self.val_items.update(items)
+        getattr(self, f"{stage}_loss_sum").update(loss_sum.detach())
+        getattr(self, f"{stage}_items").update(items)
         if self.task == "sequence-classification":
             keep = batch["labels"] != -100
-            self.val_accuracy.update(logits.argmax(-1)[keep], batch["labels"][keep])
+            getattr(self, f"{stage}_accuracy").update(logits.argmax(-1)[keep], batch["labels"][keep])
+
+    def _log_evaluation(self, stage: str) -> None:
+        total, items = getattr(self, f"{stage}_loss_sum").compute(), getattr(self, f"{stage}_items").compute()
+        loss = total / items.clamp_min(1)
+        metrics = {f"{stage}_loss": loss}
+        if self.task == "sequence-classification":
+            metrics[f"{stage}_acc"] = getattr(self, f"{stage}_accuracy").compute()
+            getattr(self, f"{stage}_accuracy").reset()
+        else:
+            metrics[f"{stage}_ppl"] = torch.exp(loss.clamp(max=30.0))
+        self.log_dict(metrics, prog_bar=stage == "val")
+        getattr(self, f"{stage}_loss_sum").reset()
+        getattr(self, f"{stage}_items").reset()
+
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate("val", batch)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        total, items = self.val_loss_sum.compute(), self.val_items.compute()
-        loss = total / items.clamp_min(1)
-        metrics = {"val_loss": loss}
+        self._log_evaluation("val")
+
+    @override
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per-sample predictions with each sample's dataset position, for :func:`~lightning_txopt.restore_order`.
+
+        Returns ``{"index", "logits", "preds"}`` for classification (logits ``(samples, classes)``) and
+        ``{"index", "logits", "nll", "tokens"}`` for causal LMs: the logits at each sample's last token
+        ``(samples, vocab)``, the sample's summed next-token loss and the number of tokens it sums over (labels
+        ``!= -100``; without labels, the input ids are the targets). ``index`` is the batch's ``"index"`` (every
+        :class:`~lightning_txopt.BucketDataModule` evaluation batch has it); entries of static-shape filler slots
+        have index -1.
+        """
+        logits = self.forward_logits(batch)
+        index = batch["index"] if "index" in batch else torch.full((logits.shape[0],), -1, device=logits.device)
         if self.task == "sequence-classification":
-            metrics["val_acc"] = self.val_accuracy.compute()
-            self.val_accuracy.reset()
+            return {"index": index, "logits": logits, "preds": logits.argmax(-1)}
+        if "labels" not in batch:
+            batch = {**batch, "labels": batch["input_ids"]}
+        targets = self._lm_targets(batch)
+        token_nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )  # (rows, width - 1)
+        valid = targets != -100
+        if is_packed(batch):
+            last = batch["last_index"]
+            owner = self._sample_of_tokens(batch)[..., 1:]
+            n = last.shape[0]
+            nll = torch.zeros(n, device=logits.device).index_add_(0, owner[valid], token_nll[valid])
+            tokens = torch.zeros(n, device=logits.device, dtype=torch.long).index_add_(
+                0, owner[valid], torch.ones_like(owner[valid])
+            )
+            final = logits[last[:, 0], last[:, 1]]
         else:
-            metrics["val_ppl"] = torch.exp(loss.clamp(max=30.0))
-        self.log_dict(metrics, prog_bar=True)
-        self.val_loss_sum.reset()
-        self.val_items.reset()
+            nll, tokens = (token_nll * valid).sum(1), valid.sum(1)
+            mask = batch.get("attention_mask")
+            ends = (mask.sum(1) - 1) if mask is not None and mask.dim() == 2 else torch.full_like(nll, -1).long()
+            final = logits[torch.arange(logits.shape[0], device=logits.device), ends]
+        return {"index": index, "logits": final, "nll": nll, "tokens": tokens}
+
+    @staticmethod
+    def _sample_of_tokens(batch: dict[str, Any]) -> torch.Tensor:
+        """``(rows, width)``: the sample slot of each token of a packed batch (padding maps to a slot it is not in)."""
+        rows, width = batch["input_ids"].shape
+        cu = batch["cu_seq_lens_q"]
+        seg = segment_ids(cu, rows * width).view(rows, width)
+        row = torch.arange(rows, device=seg.device)[:, None]
+        return (seg - row).clamp(0, batch["cls_index"].shape[0] - 1)  # sample i is segment i + its row
 
     # ------------------------------------------------------------------ optimisation
     def head_parameter_names(self) -> set[str]:

@@ -212,3 +212,28 @@ class ModelModule(pl.LightningModule):
         if self.record_dir is not None:
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             torch.save(state, Path(self.record_dir) / f"params_rank{self.global_rank}.pt")
+
+
+def assert_close_relative(
+    actual: torch.Tensor, expected: torch.Tensor, rel: float, msg: str = "", atol: float = 1e-9
+) -> None:
+    """``max |actual - expected| <= rel * max |expected|``: a tolerance relative to the tensor's scale.
+
+    Element-wise relative tolerances fail on entries that are near zero only by rounding; what matters for a gradient
+    or a loss is the error against the tensor's magnitude.
+    """
+    assert actual is not None, f"{msg}: no value"
+    scale = float(expected.detach().abs().max()) or 1.0
+    error = float((actual.detach().float() - expected.detach().float()).abs().max())
+    assert error <= rel * scale + atol, f"{msg}: max error {error:.3g} > {rel:g} x {scale:.3g}"
+
+
+def assert_same_gradients(model: torch.nn.Module, reference: torch.nn.Module, rel: float = 1e-5) -> None:
+    """Every parameter with a reference gradient has the same gradient (relative to its scale)."""
+    pairs = zip(model.named_parameters(), reference.parameters(), strict=True)
+    checked = 0
+    for (name, p), q in pairs:
+        if q.grad is not None:
+            assert_close_relative(p.grad, q.grad, rel, msg=name)
+            checked += 1
+    assert checked, "no gradients to compare"

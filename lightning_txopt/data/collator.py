@@ -9,6 +9,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lightning_txopt.utils.checks import round_up
+
 __all__ = ["PaddingCollator", "pad_sequences", "padded_widths"]
 
 _PADDINGS = ("longest", "max_length")
@@ -43,9 +45,7 @@ def padded_widths(
         rungs = np.asarray(pad_to_lengths, dtype=np.int64)
         slot = np.searchsorted(rungs, width, side="left")
         width = np.where(slot < rungs.size, rungs[np.minimum(slot, rungs.size - 1)], width)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    return width
+    return round_up(width, pad_to_multiple_of)
 
 
 def pad_sequences(

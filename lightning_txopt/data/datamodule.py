@@ -8,7 +8,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
@@ -18,21 +17,41 @@ from lightning_txopt.data.packing import PackingCollator
 from lightning_txopt.data.planning import OversizePolicy
 from lightning_txopt.data.report import PaddingRow, padding_report
 from lightning_txopt.data.sampler import BucketBatchSampler
+from lightning_txopt.utils.checks import check_exactly_one_budget, check_positive_int
 
-__all__ = ["BucketDataModule", "DATA_STRATEGIES"]
+__all__ = ["DATA_STRATEGIES", "DEFAULT_PACK_LENGTH", "BucketDataModule"]
 
 Strategy = Literal["bucket", "dynamic", "fixed", "packed"]
 DATA_STRATEGIES: tuple[str, ...] = ("bucket", "dynamic", "fixed", "packed")
-_SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "predict")
+#: Row width of packed batches when ``max_length`` is not set (or the longest sample, rounded up to a power of 2).
+DEFAULT_PACK_LENGTH = 512
+
+
+class _Indexed(Dataset):
+    """A dataset whose samples carry their position as ``"index"`` (evaluation and prediction batches)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"Sample {i} is a {type(item).__name__}; BucketDataModule needs mappings of features.")
+        return {**item, "index": i}
 
 
 class BucketDataModule(pl.LightningDataModule):
-    """Train/val/test dataloaders with length-aware batching, DDP-ready and exactly resumable.
+    """Train/val/test/predict dataloaders with length-aware batching, DDP-ready and exactly resumable.
 
     Give the datasets to the constructor, or subclass and override :meth:`build_datasets` (called from
     :meth:`setup`, on every rank) to load and tokenise them. Samples are mappings with token ids under
     ``length_key`` (``"input_ids"``) and optionally ``attention_mask``, ``token_type_ids``, ``labels`` (scalar or
-    per token) and other numeric features; :class:`~lightning_txopt.data.collator.PaddingCollator` pads them.
+    per token) and other numeric features. Evaluation and prediction batches also carry each sample's position in its
+    dataset as ``"index"`` (:func:`~lightning_txopt.restore_order` puts predictions back in dataset order).
 
     Strategies:
 
@@ -40,34 +59,46 @@ class BucketDataModule(pl.LightningDataModule):
       pads each batch to its longest sample;
     * ``"dynamic"``: random batches, each padded to its longest sample;
     * ``"fixed"``: random batches padded to ``max_length`` (the baseline of most tutorials);
-    * ``"packed"``: padding-free packing: samples concatenated (best-fit decreasing) into one row of up to
-      ``max_tokens`` tokens per batch or, with ``max_length``, into rows of ``max_length`` tokens,
-      ``max_tokens // max_length`` rows per batch; kept apart by restarted ``position_ids`` and block-diagonal masks
-      (:class:`~lightning_txopt.data.packing.PackingCollator`). Needs ``max_tokens``; ``causal=True`` for decoders.
+    * ``"packed"``: padding-free packing: samples concatenated (best-fit decreasing) into rows of ``max_length``
+      tokens (default :data:`DEFAULT_PACK_LENGTH`, or the longest sample rounded up to a power of 2),
+      ``max_tokens // max_length`` rows per batch, with the samples' boundaries in the batch
+      (:class:`~lightning_txopt.data.packing.PackingCollator`); never one dense mask over ``max_tokens``. The model
+      side decides how to attend (``TransformerModule``: the varlen kernel reads the rows as one sequence, other
+      paths build exact per-row block masks). With ``static_shapes=True`` every batch has exactly the same shapes
+      (for ``torch.compile``).
 
-    Under ``Trainer(strategy="ddp")`` every loader deals its own batches to the ranks (equal counts, no duplicated
-    samples), so Lightning's ``DistributedSampler`` injection is switched off for this trainer in :meth:`setup`.
-    The training position is saved in checkpoints: ``Trainer.fit(ckpt_path=...)`` from a mid-epoch checkpoint
-    continues with exactly the batches an uninterrupted run would have seen next, also with ``num_workers > 0``
-    (the position comes from the batches the training loop consumed, not from what workers prefetched).
+    Distributed training: under ``Trainer(strategy="ddp")`` (or ``ddp_spawn``, FSDP) with any number of processes the
+    batch sampler deals its own batches to the ranks (equal counts, no duplicated samples); Lightning re-creates it
+    with the rank it should serve, so nothing needs configuring. The training position is saved in checkpoints
+    through the training loader's ``state_dict`` (Lightning's stateful-loader channel): ``Trainer.fit(ckpt_path=...)``
+    from a mid-epoch checkpoint continues with exactly the batches an uninterrupted run would have seen next, also
+    with ``num_workers > 0`` (the position is what the training loop consumed, not what workers prefetched).
+
+    Subclassing: override :meth:`build_datasets`. If you override :meth:`setup`, call ``super().setup(stage)``
+    (it builds the datasets and resets cached lengths); nothing else depends on it.
 
     Args:
         train_dataset: Training samples (or ``None`` when :meth:`build_datasets` provides them).
         val_dataset: Validation samples.
         test_dataset: Test samples.
+        predict_dataset: Samples for ``trainer.predict`` (labels optional).
         pad_token_id: Id that pads ``input_ids``; taken from ``tokenizer`` when not given.
         tokenizer: A Hugging Face tokenizer, used for its ``pad_token_id`` (and available to subclasses).
-        strategy: ``"bucket"``, ``"dynamic"`` or ``"fixed"``.
+        strategy: ``"bucket"``, ``"dynamic"``, ``"fixed"`` or ``"packed"``.
         batch_size: Samples per training batch (exactly one of ``batch_size``/``max_tokens``).
-        max_tokens: Padded tokens per training batch.
+        max_tokens: Padded tokens per training batch, or ``"auto"``: the
+            :class:`~lightning_txopt.callbacks.TokenBudgetFinder` callback finds the largest budget that fits the
+            device memory at fit start (:meth:`set_token_budget`).
         eval_batch_size: Samples per evaluation batch (default: ``batch_size``).
-        eval_max_tokens: Padded tokens per evaluation batch (default: ``max_tokens``).
+        eval_max_tokens: Padded tokens per evaluation/prediction batch (default: ``max_tokens``).
         max_length: Longest sequence allowed (longer ones raise unless ``truncation``); the padded length of
-            ``"fixed"``.
+            ``"fixed"``; the row width of ``"packed"``.
         pad_to_multiple_of: Round padded widths up to a multiple of this (e.g. 8 for tensor cores).
         pad_to_lengths: Pad every batch to the smallest of these widths that holds it, e.g. ``[64, 128, 256, 512]``
             (``"bucket"``/``"dynamic"``): with ``torch.compile`` the model meets one sequence length per rung, so
             recompilation is bounded. Batches are planned on the padded widths, so ``max_tokens`` holds.
+        static_shapes: ``"packed"`` only: every batch exactly ``max_tokens // max_length`` rows of ``max_length``
+            tokens, per-sample tensors padded to a fixed number of slots (the most samples a batch can hold).
         truncation: Cut sequences longer than ``max_length`` instead of raising.
         num_workers: DataLoader worker processes.
         pin_memory: Pin batches in page-locked memory (only takes effect with a CUDA device).
@@ -75,12 +106,15 @@ class BucketDataModule(pl.LightningDataModule):
         seed: Seed of the batching plan (same on all ranks).
         shuffle: Shuffle training batches.
         drop_last: Drop incomplete training batches.
-        pool_size: Sort within pools of this many samples (see the sampler); ``None`` sorts globally.
+        pool_size: ``"bucket"`` only: sort within pools of this many samples (see the sampler); ``None`` sorts
+            globally.
         oversize: Policy for samples longer than ``max_tokens``: ``"error"``, ``"skip"`` or ``"single"``.
         length_key: Key of the token ids.
         padding_side: ``"right"`` or ``"left"``.
         label_pad_token_id: Fill value of token-level labels.
-        causal: ``strategy="packed"`` only: causal block masks, and each sample's first label ignored (decoders).
+        causal: ``"packed"`` only: per-token labels are next-token targets, so each sample's first label is ignored
+            (no token learns to predict the next sample). Attention masks are the model's business: causal models
+            attend causally whatever this says.
 
     Raises:
         ValueError: On invalid or conflicting arguments (named in the message).
@@ -98,17 +132,19 @@ class BucketDataModule(pl.LightningDataModule):
         train_dataset: Dataset | Any | None = None,
         val_dataset: Dataset | Any | None = None,
         test_dataset: Dataset | Any | None = None,
+        predict_dataset: Dataset | Any | None = None,
         *,
         pad_token_id: int | None = None,
         tokenizer: Any | None = None,
         strategy: Strategy = "bucket",
         batch_size: int | None = None,
-        max_tokens: int | None = None,
+        max_tokens: int | Literal["auto"] | None = None,
         eval_batch_size: int | None = None,
         eval_max_tokens: int | None = None,
         max_length: int | None = None,
         pad_to_multiple_of: int | None = None,
         pad_to_lengths: list[int] | None = None,
+        static_shapes: bool = False,
         truncation: bool = False,
         num_workers: int = 0,
         pin_memory: bool = True,
@@ -126,24 +162,42 @@ class BucketDataModule(pl.LightningDataModule):
         super().__init__()
         if strategy not in DATA_STRATEGIES:
             raise ValueError(f"`strategy` must be one of {DATA_STRATEGIES}, got {strategy!r}.")
-        if (batch_size is None) == (max_tokens is None):
-            raise ValueError(
-                f"Give exactly one of `batch_size` and `max_tokens` (got batch_size={batch_size!r}, "
-                f"max_tokens={max_tokens!r})."
-            )
+        check_exactly_one_budget(batch_size, max_tokens)
+        auto = max_tokens == "auto"
+        if isinstance(max_tokens, str) and not auto:
+            raise ValueError(f"`max_tokens` must be a positive integer or 'auto', got {max_tokens!r}.")
+        for name, value in (
+            ("batch_size", batch_size),
+            ("max_tokens", None if auto else max_tokens),
+            ("eval_batch_size", eval_batch_size),
+            ("eval_max_tokens", eval_max_tokens),
+            ("max_length", max_length),
+            ("pool_size", pool_size),
+        ):
+            check_positive_int(name, value, optional=True)
+        check_positive_int("num_workers", num_workers, minimum=0)
         if strategy == "fixed" and max_length is None:
             raise ValueError("strategy='fixed' pads every batch to `max_length`: set max_length (e.g. 512).")
         if strategy == "packed" and max_tokens is None:
             raise ValueError(
-                "strategy='packed' fills batches of up to `max_tokens` tokens (one row, or rows of `max_length` "
-                f"tokens when max_length is set): set max_tokens (got max_tokens={max_tokens!r})."
+                "strategy='packed' fills batches of `max_tokens` tokens in rows of `max_length` tokens: set "
+                f"max_tokens (got max_tokens={max_tokens!r}, batch_size={batch_size!r})."
             )
+        for flag, value, needed in (
+            ("causal", causal, "packed"),
+            ("static_shapes", static_shapes, "packed"),
+            ("pool_size", pool_size is not None, "bucket"),
+        ):
+            if value and strategy != needed:
+                raise ValueError(
+                    f"`{flag}` only applies to strategy={needed!r}; with strategy={strategy!r} it would do nothing."
+                )
         if pad_to_lengths is not None and strategy not in ("bucket", "dynamic"):
             raise ValueError(
                 f"`pad_to_lengths` pads batches to a ladder of widths; strategy={strategy!r} has its own widths "
                 "(use 'bucket' or 'dynamic')."
             )
-        if max_tokens is not None and max_length is not None and max_length > max_tokens and oversize == "error":
+        if isinstance(max_tokens, int) and max_length is not None and max_length > max_tokens and oversize == "error":
             raise ValueError(
                 f"max_length={max_length} > max_tokens={max_tokens}: a sample of max_length tokens would not fit a "
                 "batch. Raise max_tokens or lower max_length."
@@ -152,8 +206,6 @@ class BucketDataModule(pl.LightningDataModule):
             raise ValueError("`eval_batch_size` goes with `batch_size`; with `max_tokens` use `eval_max_tokens`.")
         if eval_max_tokens is not None and batch_size is not None:
             raise ValueError("`eval_max_tokens` goes with `max_tokens`; with `batch_size` use `eval_batch_size`.")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be a non-negative integer, got {num_workers!r}.")
         if persistent_workers and num_workers == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0.")
         if pad_token_id is None and tokenizer is not None:
@@ -165,19 +217,19 @@ class BucketDataModule(pl.LightningDataModule):
                 )
         if pad_token_id is None:
             raise ValueError("Give `pad_token_id` or a `tokenizer` with a pad token.")
-        self.datasets: dict[str, Any] = {
-            k: v for k, v in zip(_SPLITS, (train_dataset, val_dataset, test_dataset)) if v is not None
-        }
+        given = (train_dataset, val_dataset, test_dataset, predict_dataset)
+        self.datasets: dict[str, Any] = {k: v for k, v in zip(SPLITS, given, strict=True) if v is not None}
         self.tokenizer = tokenizer
         self.pad_token_id = int(pad_token_id)
         self.strategy: Strategy = strategy
         self.batch_size = batch_size
-        self.max_tokens = max_tokens
+        self.max_tokens: int | Literal["auto"] | None = max_tokens
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
-        self.eval_max_tokens = eval_max_tokens if eval_max_tokens is not None else max_tokens
+        self._eval_max_tokens = eval_max_tokens
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_to_lengths = list(pad_to_lengths) if pad_to_lengths is not None else None
+        self.static_shapes = static_shapes
         self.truncation = truncation
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -191,19 +243,9 @@ class BucketDataModule(pl.LightningDataModule):
         self.padding_side: Literal["right", "left"] = padding_side
         self.label_pad_token_id = label_pad_token_id
         self.causal = causal
-        # packed: rows of max_length tokens (max_tokens // max_length per batch), or one row of max_tokens
-        self.pack_length = (max_length or max_tokens) if strategy == "packed" else None
-        self.collator: PaddingCollator | PackingCollator
-        if strategy == "packed":
-            self.collator = PackingCollator(
-                self.pack_length,
-                pad_token_id=self.pad_token_id,
-                causal=causal,
-                label_pad_token_id=label_pad_token_id,
-                input_key=length_key,
-            )
-        else:
-            self.collator = PaddingCollator(
+        self._padding: PaddingCollator | None = None
+        if strategy != "packed":  # checks its arguments now
+            self._padding = PaddingCollator(
                 self.pad_token_id,
                 padding="max_length" if strategy == "fixed" else "longest",
                 max_length=max_length,
@@ -216,40 +258,93 @@ class BucketDataModule(pl.LightningDataModule):
             )
         self._lengths: dict[str, np.ndarray] = {}
         self._train_sampler: BucketBatchSampler | None = None
-        self._resume_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ budgets
+    @property
+    def eval_max_tokens(self) -> int | None:
+        """Padded tokens per evaluation batch: ``eval_max_tokens`` if given, else the training budget."""
+        if self._eval_max_tokens is not None:
+            return self._eval_max_tokens
+        return self.max_tokens if isinstance(self.max_tokens, int) else None
+
+    def _budget(self, split: str) -> int | None:
+        if split == "train":
+            if self.max_tokens == "auto":
+                raise ValueError(
+                    "max_tokens='auto': no token budget yet. Add the TokenBudgetFinder callback to the Trainer (it "
+                    "sets the budget at fit start), or call set_token_budget(n), or give max_tokens=<int>."
+                )
+            return self.max_tokens
+        if self.batch_size is not None:
+            return None
+        budget = self.eval_max_tokens
+        if budget is None:
+            raise ValueError(
+                f"max_tokens='auto' and no eval_max_tokens: the {split} loader needs a budget. Run fit with "
+                "TokenBudgetFinder first, or give eval_max_tokens=<int>."
+            )
+        return budget
+
+    def set_token_budget(self, max_tokens: int) -> None:
+        """Set the training budget (and the evaluation budget, unless ``eval_max_tokens`` was given).
+
+        Called by :class:`~lightning_txopt.callbacks.TokenBudgetFinder`; loaders built afterwards use it.
+
+        Raises:
+            ValueError: If the module plans by ``batch_size``, or on a budget that is not a positive integer or
+                cannot hold a row (``"packed"``).
+        """
+        if self.batch_size is not None:
+            raise ValueError("set_token_budget: this DataModule plans batches by batch_size, not by a token budget.")
+        check_positive_int("max_tokens", max_tokens)
+        if self.strategy == "packed" and max_tokens < self.pack_length:
+            raise ValueError(
+                f"A budget of {max_tokens} tokens cannot hold one packed row of {self.pack_length} tokens: use "
+                f"a budget >= {self.pack_length} or a smaller max_length."
+            )
+        self.max_tokens = int(max_tokens)
+
+    @property
+    def token_budget_multiple(self) -> int:
+        """What a token budget should be a multiple of: the packed row width, or 64 (tensor-core friendly)."""
+        if self.strategy == "packed":
+            return self.pack_length
+        return 64
+
+    @property
+    def pack_length(self) -> int:
+        """Width of packed rows.
+
+        ``max_length``, else :data:`DEFAULT_PACK_LENGTH` or the longest sample (the next power of 2) when that is
+        longer, at most the budget.
+        """
+        if self.max_length is not None:
+            return self.max_length
+        longest = max((int(self.lengths(split).max()) for split in self.datasets), default=1)
+        width = max(DEFAULT_PACK_LENGTH, 1 << (longest - 1).bit_length())
+        budget = self.max_tokens if isinstance(self.max_tokens, int) else None
+        return min(width, max(budget, longest)) if budget is not None else width
 
     # ------------------------------------------------------------------ data
     def build_datasets(self, stage: str | None) -> Mapping[str, Any]:
-        """Return the datasets by split (``"train"``, ``"val"``, ``"test"``); override to load or tokenise them.
+        """Return the datasets by split (``"train"``, ``"val"``, ``"test"``, ``"predict"``); override to load them.
 
-        Called by :meth:`setup` on every rank. The default returns the datasets given to the constructor.
+        Tokenise them here too. Called by :meth:`setup` on every rank. The default returns the datasets given to the
+        constructor.
         """
         return self.datasets
 
     @override
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets, compute their lengths, and take over distributed sampling from the Trainer."""
+        """Build the datasets (:meth:`build_datasets`) and forget the lengths of any that changed."""
         built = dict(self.build_datasets(stage))
-        unknown = set(built) - set(_SPLITS)
+        unknown = set(built) - set(SPLITS)
         if unknown:
-            raise ValueError(f"build_datasets returned unknown split(s) {sorted(unknown)}; use {_SPLITS}.")
+            raise ValueError(f"build_datasets returned unknown split(s) {sorted(unknown)}; use {SPLITS}.")
         for split, dataset in built.items():
             if dataset is not None and (split not in self.datasets or self.datasets[split] is not dataset):
                 self._lengths.pop(split, None)
             self.datasets[split] = dataset
-        trainer = self.trainer
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if (
-            trainer is not None
-            and connector is not None
-            and getattr(connector, "use_distributed_sampler", False)
-            and trainer.world_size > 1
-        ):
-            connector.use_distributed_sampler = False
-            rank_zero_info(
-                f"{type(self).__name__} deals batches to the {trainer.world_size} ranks itself; Lightning's "
-                "DistributedSampler is not injected into its dataloaders."
-            )
 
     def lengths(self, split: str = "train") -> np.ndarray:
         """Token lengths of a split's samples, computed once (truncated to ``max_length`` with ``truncation``)."""
@@ -269,46 +364,79 @@ class BucketDataModule(pl.LightningDataModule):
             self._lengths[split] = lengths
         return self._lengths[split]
 
+    @property
+    def collator(self) -> PaddingCollator | PackingCollator:
+        """The training collator (:meth:`collator_for` gives any split's)."""
+        return self.collator_for("train")
+
+    def _static_slots(self, split: str, budget: int) -> int:
+        """The most samples one batch of ``budget`` tokens can hold: its shortest samples, back to back."""
+        shortest = np.cumsum(np.sort(self.lengths(split)))
+        fit = int(np.searchsorted(shortest, budget, side="right"))
+        return max(-(-fit // 8) * 8, 8)  # a multiple of 8 slots
+
+    def collator_for(self, split: str, max_tokens: int | None = None) -> PaddingCollator | PackingCollator:
+        """The collator of a split (``max_tokens`` overrides the split's budget, for static packed shapes)."""
+        if self._padding is not None:
+            return self._padding
+        pack = self.pack_length
+        rows = slots = None
+        if self.static_shapes:
+            budget = max_tokens if max_tokens is not None else self._budget(split)
+            assert budget is not None
+            rows = budget // pack
+            slots = self._static_slots(split, rows * pack)
+        return PackingCollator(
+            pack,
+            rows=rows,
+            num_slots=slots,
+            pad_token_id=self.pad_token_id,
+            causal=self.causal,
+            label_pad_token_id=self.label_pad_token_id,
+            input_key=self.length_key,
+            max_length=self.max_length,
+            truncation=self.truncation,
+        )
+
     def _world(self) -> tuple[int | None, int | None]:
         trainer = self.trainer
         if trainer is None:
             return None, None
         return trainer.world_size, trainer.global_rank
 
-    def make_sampler(self, split: str) -> BucketBatchSampler:
-        """The batch sampler of a split (training: shuffled, with ``drop_last``; evaluation: ordered)."""
+    def make_sampler(self, split: str, max_tokens: int | None = None) -> BucketBatchSampler:
+        """The batch sampler of a split (training: shuffled, with ``drop_last``; others: ordered)."""
         lengths = self.lengths(split)
-        padded = getattr(self.collator, "padded_lengths", None)  # duck-typed: a wrapped collator may forward it
         if self.strategy == "fixed":
             assert self.max_length is not None
             lengths = np.full_like(lengths, self.max_length)
-        elif self.strategy != "packed" and callable(padded):
+        elif self._padding is not None:
             # plan on the widths the collator pads to (ladder rungs, multiples), so that budgets hold when padded
-            lengths = padded(lengths)
+            lengths = self._padding.padded_lengths(lengths)
         train = split == "train"
+        budget = max_tokens if max_tokens is not None else self._budget(split)
         num_replicas, rank = self._world()
         return BucketBatchSampler(
             lengths,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            max_tokens=self.max_tokens if train else self.eval_max_tokens,
+            max_tokens=budget,
             shuffle=self.shuffle and train,
             seed=self.seed,
             drop_last=self.drop_last and train,
             num_replicas=num_replicas,
             rank=rank,
-            group_by_length=self.strategy == "bucket",
+            group_by_length=self.strategy in ("bucket", "packed"),
             pool_size=self.pool_size,
             oversize=self.oversize,
-            pack_length=None
-            if self.strategy != "packed"
-            else (self.pack_length if train else (self.max_length or self.eval_max_tokens)),
+            pack_length=self.pack_length if self.strategy == "packed" else None,
         )
 
     def _loader(self, split: str, sampler: BucketBatchSampler, cls: type[DataLoader] = DataLoader, **extra: Any) -> Any:
+        dataset = self.datasets[split] if split == "train" else _Indexed(self.datasets[split])
         return cls(
-            self.datasets[split],
+            dataset,
             batch_sampler=sampler,
-            collate_fn=self.collator,
+            collate_fn=self.collator_for(split),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
@@ -317,15 +445,8 @@ class BucketDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Training loader; resumes mid-epoch when a checkpoint state was loaded.
-
-        The loader has ``state_dict``/``load_state_dict`` (the training position), so Lightning treats it as
-        resumable.
-        """
+        """Training loader; its ``state_dict``/``load_state_dict`` hold the training position (exact resume)."""
         sampler = self.make_sampler("train")
-        if self._resume_state is not None:
-            sampler.load_state_dict(self._resume_state)
-            self._resume_state = None
         self._train_sampler = sampler
         return self._loader("train", sampler, _ResumableDataLoader, datamodule=self)
 
@@ -341,59 +462,69 @@ class BucketDataModule(pl.LightningDataModule):
         """Test loader (length-ordered, every sample once over all ranks)."""
         return self._loader("test", self.make_sampler("test"))
 
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """Prediction loader: length-ordered batches under the evaluation budget, each with the samples' ``index``."""
+        return self._loader("predict", self.make_sampler("predict"))
+
+    def probe_batches(self, max_tokens: int) -> list[dict[str, Any]]:
+        """Collated training batches with the worst-case shapes the plan makes at a budget of ``max_tokens``.
+
+        The widest batch and the batch with the most rows (packed: the most samples), of real samples, on the CPU:
+        what :class:`~lightning_txopt.callbacks.TokenBudgetFinder` runs its probe steps on.
+        """
+        sampler = self.make_sampler("train", max_tokens=max_tokens)
+        plan = sampler.plan(0)
+        lengths = self.lengths("train")
+        batches = [plan.batch(b) for b in range(plan.num_batches)]
+        widest = max(range(len(batches)), key=lambda b: int(lengths[batches[b]].max()))
+        fullest = max(range(len(batches)), key=lambda b: batches[b].size)
+        collate = self.collator_for("train", max_tokens=max_tokens)
+        dataset = self.datasets["train"]
+        return [collate([dataset[int(i)] for i in batches[b]]) for b in dict.fromkeys((widest, fullest))]
+
     def padding_report(self, split: str = "train") -> list[PaddingRow]:
         """:func:`~lightning_txopt.data.report.padding_report` of a split with this module's batching options."""
         train = split == "train"
         return padding_report(
             self.lengths(split),
             batch_size=self.batch_size if train else self.eval_batch_size,
-            max_tokens=self.max_tokens if train else self.eval_max_tokens,
+            max_tokens=self._budget(split),
             max_length=self.max_length,
             pad_to_multiple_of=self.pad_to_multiple_of,
             pad_to_lengths=self.pad_to_lengths,
             seed=self.seed,
-            pack_length=self.pack_length,
+            pack_length=self.pack_length if self.strategy == "packed" else None,
         )
-
-    # ------------------------------------------------------------------ state
-    def _consumed(self) -> int:
-        trainer = self.trainer
-        if trainer is None:
-            return self._train_sampler.state_dict()["consumed"] if self._train_sampler is not None else 0
-        # what the training loop consumed; workers may have prefetched more from the sampler
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Training position: the epoch and how many of its batches the training loop consumed."""
-        sampler = self._train_sampler
-        if sampler is None:
-            return dict(self._resume_state) if self._resume_state is not None else {}
-        epoch, consumed = sampler.epoch, self._consumed()
-        if consumed >= len(sampler):
-            epoch, consumed = epoch + 1, 0
-        return {"epoch": epoch, "consumed": consumed, "seed": self.seed, "num_replicas": sampler.num_replicas}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the training position; the next training loader continues from it."""
-        if not state_dict:
-            return
-        self._resume_state = dict(state_dict)
-        if self._train_sampler is not None:
-            self._train_sampler.load_state_dict(self._resume_state)
-            self._resume_state = None
 
 
 class _ResumableDataLoader(DataLoader):
-    """A DataLoader whose state is its DataModule's training position."""
+    """The training loader: its state is the training position, in Lightning's stateful-loader checkpoint slot.
+
+    The position counts the batches the training loop consumed (``fit_loop.epoch_loop.batch_progress``), not what
+    the sampler yielded: with workers, the loader fetches ahead.
+    """
 
     def __init__(self, *args: Any, datamodule: BucketDataModule, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._datamodule = datamodule
+        self.datamodule = datamodule
 
     def state_dict(self) -> dict[str, Any]:
-        return self._datamodule.state_dict()
+        sampler = self.batch_sampler
+        assert isinstance(sampler, BucketBatchSampler)
+        trainer = self.datamodule.trainer
+        consumed = (
+            int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            if trainer is not None
+            else sampler.state_dict()["consumed"]
+        )
+        epoch = sampler.epoch
+        if consumed >= len(sampler):
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "consumed": consumed, "seed": sampler.seed, "num_replicas": sampler.num_replicas}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._datamodule.load_state_dict(state_dict)
+        if state_dict:
+            sampler = self.batch_sampler
+            assert isinstance(sampler, BucketBatchSampler)
+            sampler.load_state_dict(state_dict)

@@ -1,19 +1,32 @@
-"""Padding-free packing: samples concatenated into rows, kept apart by position ids and block-diagonal masks.
+"""Padding-free packing: ``PackingCollator`` lays the samples of a batch into rows and describes their boundaries.
 
-The planner (:func:`best_fit_decreasing`, used by :func:`~lightning_txopt.data.planning.plan_epoch` with
-``pack_length``) fills rows of ``pack_length`` tokens; a batch is ``max_tokens // pack_length`` rows.
-:class:`PackingCollator` turns the samples of a batch back into those rows:
+The planner (:func:`~lightning_txopt.data.planning.best_fit_decreasing`, used by
+:func:`~lightning_txopt.data.planning.plan_epoch` with ``pack_length``) fills rows of ``pack_length`` tokens; a batch
+is ``max_tokens // pack_length`` rows. :class:`PackingCollator` rebuilds those rows. The batch *describes* where each
+sample starts and ends; it holds no attention mask. The model side turns that description into what its attention
+needs (``lightning_txopt.models``): the variable-length kernel reads the boundaries directly, SDPA and eager
+attention get exact block masks built from them. Both paths read the same boundaries.
 
-* ``input_ids`` ``(rows, width)``: the samples of each row concatenated (``width`` = the longest row, so a row ends
-  with at most a few pad tokens);
-* ``position_ids``: restart at 0 for every sample, so absolute-position models see each sample as if alone;
-* ``attention_mask`` ``(rows, 1, width, width)`` boolean: block-diagonal (and causal with ``causal=True``), so no token
-  attends across a sample boundary (SDPA and eager attention take such 4-D masks);
-* ``cu_seq_lens`` (int32) and ``max_length``: sample boundaries over the concatenated real tokens, the format of
-  FlashAttention's varlen kernels, and what throughput counters read;
-* labels: per sample (sequence classification, with ``cls_index``/``last_index`` giving each sample's first and last
-  position) or per token (causal LM: each sample's first token gets ``label_pad_token_id``, so no token learns to
-  predict the next sample).
+Layout of a packed batch (``R`` rows of width ``W``, ``N`` samples):
+
+* ``input_ids`` ``(R, W)``: the samples of each row concatenated; the end of a row is padding (``pad_token_id``);
+* ``position_ids`` ``(R, W)``: restart at ``position_offset`` (0; RoBERTa-style models need ``padding_idx + 1``,
+  which the model side adds) for every sample, and for the padding run at the end of each row;
+* ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32): boundaries of every *segment* over the ``R * W`` tokens read row
+  after row, where a segment is a sample or the padding run at the end of a row (empty when the row is full): every
+  token belongs to exactly one segment, and sample ``i`` is segment ``i + row of i`` (Hugging Face's and
+  FlashAttention's varlen format, with the padding in segments of its own so that nothing attends across a sample
+  and no output is undefined). ``max_length_q`` = ``max_length_k`` (int): the longest segment;
+* ``cu_seq_lens`` (int32) ``(N + 1,)``: boundaries of the samples over their real tokens only (what throughput
+  counters read); ``cls_index``/``last_index`` ``(N, 2)``: ``(row, column)`` of each sample's first and last token;
+* labels: one per sample (sequence classification) or one per token (padding and, with ``causal=True``, each sample's
+  first token get ``label_pad_token_id``, so that no token learns to predict the next sample); other keys: one number
+  per sample (stacked) or one per token (packed like the ids).
+
+With ``rows`` and ``num_slots`` (static shapes, for ``torch.compile``) every tensor has the same shape in every batch:
+exactly ``rows`` rows of exactly ``pack_length`` tokens, per-sample tensors padded to ``num_slots`` entries (labels
+with ``label_pad_token_id``, indices with 0, ``index`` with -1), and the segment boundaries padded with empty segments
+to ``num_slots + rows`` segments; ``max_length_q`` is then ``pack_length``.
 """
 
 from __future__ import annotations
@@ -23,288 +36,224 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from lightning_txopt.data.collator import _as_1d
+from lightning_txopt.data.planning import next_fit_rows
+from lightning_txopt.utils.checks import check_positive_int
 
-__all__ = [
-    "PackingCollator",
-    "best_fit_decreasing",
-    "check_packing_support",
-    "next_fit_rows",
-    "packed_classification_logits",
-]
+__all__ = ["PACKED_KEYS", "PackingCollator", "is_packed"]
+
+#: Keys a packed batch has beside the ids and labels (the boundary description).
+PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "cu_seq_lens")
 
 
-def best_fit_decreasing(
-    lengths: np.ndarray, ids: np.ndarray, capacity: int, rng: np.random.Generator | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pack ``ids`` into rows of at most ``capacity`` tokens, best fit, longest first.
-
-    Each sample goes to the open row with the least room that still fits it, or opens a new row. Equal lengths are
-    taken in random order (``rng``) so rows differ between epochs.
-
-    Returns:
-        ``(order, row_offsets)``: sample ids row by row (rows in creation order, each row longest first) and the
-        ``rows + 1`` boundaries. Because a row is opened only when its first (longest) sample fits no earlier row,
-        :func:`next_fit_rows` over ``order`` recovers exactly these rows.
+def is_packed(batch: Mapping[str, Any]) -> bool:
+    """Whether a batch is packed (it carries segment boundaries), as built by :class:`PackingCollator`.
 
     Example:
-        >>> order, offsets = best_fit_decreasing(np.array([6, 5, 4, 3, 2]), np.arange(5), 10)
-        >>> [order[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-        [[0, 2], [1, 3, 4]]
+        >>> is_packed(PackingCollator(8)([{"input_ids": [5, 6]}])), is_packed({"input_ids": torch.zeros(1, 2)})
+        (True, False)
     """
-    from lightning_txopt.data.planning import _sorted_with_random_ties
-
-    if ids.size == 0:
-        return ids.astype(np.int64), np.zeros(1, dtype=np.int64)
-    if lengths[ids].max() > capacity:
-        raise ValueError(f"A sample of {int(lengths[ids].max())} tokens does not fit rows of {capacity}.")
-    order = _sorted_with_random_ties(lengths, ids, rng)[::-1]
-    rows: list[list[int]] = []
-    remaining: list[int] = []
-    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # open rows by remaining room
-    has_room = np.zeros(capacity + 1, dtype=bool)
-    for sid, size in zip(order.tolist(), lengths[order].tolist()):
-        free = has_room[size:]
-        if free.any():
-            room = size + int(np.argmax(free))
-            row = by_room[room].pop()
-            if not by_room[room]:
-                has_room[room] = False
-        else:
-            row, room = len(rows), capacity
-            rows.append([])
-            remaining.append(capacity)
-        rows[row].append(sid)
-        left = room - size
-        remaining[row] = left
-        if left > 0:
-            by_room[left].append(row)
-            has_room[left] = True
-    flat = np.fromiter((s for r in rows for s in r), dtype=np.int64, count=order.size)
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(r) for r in rows], out=offsets[1:])
-    return flat, offsets
+    return "cu_seq_lens_q" in batch
 
 
-def next_fit_rows(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[int]:
-    """Row index of each item when items are laid into rows of ``capacity`` in order, a new row when one is full.
-
-    Example:
-        >>> next_fit_rows([6, 4, 5, 3, 2], 10)
-        [0, 0, 1, 1, 1]
-    """
-    rows, used, row = [], 0, 0
-    for n in lengths:
-        n = int(n)
-        if used and used + n > capacity:
-            row, used = row + 1, 0
-        rows.append(row)
-        used += n
-    return rows
+def _values(samples: Sequence[Mapping[str, Any]], name: str) -> list[np.ndarray]:
+    return [np.asarray(s[name].detach().cpu() if isinstance(s[name], torch.Tensor) else s[name]) for s in samples]
 
 
 class PackingCollator:
-    """Collate the samples of a packed batch into rows without padding between samples.
+    """Collate the samples of a packed batch into rows without padding between samples (layout: module docstring).
 
     Args:
-        pack_length: Row capacity in tokens (the planner's ``pack_length``); a longer sample gets a row of its own.
-            ``None`` puts the whole batch in one row.
-        pad_token_id: Fills the end of rows shorter than the longest row of the batch.
-        causal: Causal (decoder) masks, and each sample's first token label ignored (no cross-sample prediction).
+        pack_length: Row width in tokens (the planner's ``pack_length``); ``None`` puts the whole batch in one row.
+        rows: Static shapes: exactly this many rows of exactly ``pack_length`` tokens per batch (``None``: as many
+            rows as the batch needs, as wide as its longest row).
+        num_slots: Static shapes: per-sample tensors padded to this many entries (at least the most samples a batch
+            can hold); needs ``rows``.
+        pad_token_id: Fills the end of rows.
+        causal: Per-token labels are next-token targets: each sample's first label is ignored.
         label_pad_token_id: Ignored label value.
         input_key: Key of the token ids.
+        position_offset: Added to every position (0 for most models; the model side handles RoBERTa's offset).
+        max_length: Longest sample allowed (longer ones raise unless ``truncation``).
+        truncation: Cut samples (and their per-token keys) to ``max_length`` instead of raising.
 
     Raises:
-        ValueError: On invalid arguments, a sample without tokens, or label formats that cannot be packed.
+        ValueError: On invalid arguments; when called, on a sample without tokens, a sample longer than a row, more
+            rows or samples than the static shape holds, or labels that cannot be packed.
+        TypeError: When called with non-numeric values.
 
     Example:
-        >>> collate = PackingCollator()  # one row per batch
+        >>> collate = PackingCollator(8)
         >>> batch = collate([{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8, 9], "labels": 0}])
-        >>> batch["input_ids"].tolist(), batch["position_ids"].tolist(), batch["labels"].tolist()
-        ([[5, 6, 7, 8, 9]], [[0, 1, 2, 0, 1]], [1, 0])
-        >>> batch["attention_mask"][0, 0].int().tolist()[3]
-        [0, 0, 0, 1, 1]
+        >>> batch["input_ids"].tolist(), batch["position_ids"].tolist()
+        ([[5, 6, 7, 8, 9]], [[0, 1, 2, 0, 1]])
+        >>> batch["cu_seq_lens_q"].tolist(), batch["max_length_q"], batch["labels"].tolist()
+        ([0, 3, 5, 5], 3, [1, 0])
+        >>> static = PackingCollator(4, rows=2, num_slots=3)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
+        >>> static["input_ids"].tolist(), static["cu_seq_lens_q"].tolist()
+        ([[5, 6, 7, 8], [0, 0, 0, 0]], [0, 3, 4, 4, 8, 8])
     """
 
     def __init__(
         self,
         pack_length: int | None = None,
         *,
+        rows: int | None = None,
+        num_slots: int | None = None,
         pad_token_id: int = 0,
         causal: bool = False,
         label_pad_token_id: int = -100,
         input_key: str = "input_ids",
+        position_offset: int = 0,
+        max_length: int | None = None,
+        truncation: bool = False,
     ) -> None:
-        if pack_length is not None and (
-            isinstance(pack_length, bool) or not isinstance(pack_length, int) or pack_length < 1
-        ):
-            raise ValueError(f"`pack_length` must be a positive integer or None, got {pack_length!r}.")
+        check_positive_int("pack_length", pack_length, optional=True)
+        check_positive_int("rows", rows, optional=True)
+        check_positive_int("num_slots", num_slots, optional=True)
+        check_positive_int("position_offset", position_offset, minimum=0)
+        check_positive_int("max_length", max_length, optional=True)
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs `max_length` (the length to cut samples to).")
+        if rows is not None and pack_length is None:
+            raise ValueError("`rows` (static shapes) needs `pack_length`: the width every row is padded to.")
+        if (rows is None) != (num_slots is None):
+            raise ValueError(
+                f"Static shapes need both `rows` and `num_slots` (got rows={rows!r}, num_slots={num_slots!r})."
+            )
         self.pack_length = pack_length
+        self.rows = rows
+        self.num_slots = num_slots
         self.pad_token_id = pad_token_id
         self.causal = causal
         self.label_pad_token_id = label_pad_token_id
         self.input_key = input_key
+        self.position_offset = position_offset
+        self.max_length = max_length
+        self.truncation = truncation
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    @property
+    def static(self) -> bool:
+        """Whether every batch has the same shapes (``rows`` and ``num_slots`` set)."""
+        return self.rows is not None
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Pack ``samples`` (in the planner's order) into rows."""
         if not samples:
             raise ValueError("Cannot collate an empty list of samples.")
         key = self.input_key
         ids = [_as_1d(s[key], key, i) for i, s in enumerate(samples)]
-        lens = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
+        full_lens = lens = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
         if (lens == 0).any():
             raise ValueError(f"Sample {int(np.argmin(lens))} has no tokens; remove empty samples before packing.")
+        if self.max_length is not None and lens.max() > self.max_length:
+            if not self.truncation:
+                i = int(np.argmax(lens))
+                raise ValueError(
+                    f"Sample {i} of the batch has {int(lens[i])} tokens > max_length={self.max_length}. Truncate when "
+                    "tokenising, or pass truncation=True to cut it here."
+                )
+            ids = [a[: self.max_length] for a in ids]
+            lens = np.minimum(lens, self.max_length)
+        n = lens.size
         capacity = self.pack_length if self.pack_length is not None else int(lens.sum())
-        row_of = np.asarray(next_fit_rows(lens, capacity))
-        n_rows = int(row_of[-1]) + 1
-        starts = np.zeros(len(ids), dtype=np.int64)
-        row_len = np.zeros(n_rows, dtype=np.int64)
-        for i, (r, n) in enumerate(zip(row_of.tolist(), lens.tolist())):
-            starts[i] = row_len[r]
-            row_len[r] += n
-        width = int(row_len.max())
-        input_ids = np.full((n_rows, width), self.pad_token_id, dtype=np.int64)
-        position_ids = np.zeros((n_rows, width), dtype=np.int64)
-        segment = np.full((n_rows, width), -1, dtype=np.int64)
-        for i, (r, s, n) in enumerate(zip(row_of.tolist(), starts.tolist(), lens.tolist())):
-            input_ids[r, s : s + n] = ids[i]
-            position_ids[r, s : s + n] = np.arange(n)
-            segment[r, s : s + n] = i
-        seg = torch.from_numpy(segment)
-        mask = seg[:, :, None] == seg[:, None, :]
-        pads = seg < 0
-        mask &= ~(pads[:, :, None] | pads[:, None, :])
-        mask |= torch.eye(width, dtype=torch.bool)[None]  # pad queries attend to themselves only (no NaN rows)
-        if self.causal:
-            mask &= torch.tril(torch.ones(width, width, dtype=torch.bool))[None]
-        cu = np.zeros(len(ids) + 1, dtype=np.int32)
-        np.cumsum(lens, out=cu[1:])
-        out: dict[str, torch.Tensor] = {
-            key: torch.from_numpy(input_ids),
-            "position_ids": torch.from_numpy(position_ids),
-            "attention_mask": mask[:, None],
-            "cu_seq_lens": torch.from_numpy(cu),
-            "max_length": torch.tensor(int(lens.max())),
-            "cls_index": torch.from_numpy(np.stack([row_of, starts], 1)),
-            "last_index": torch.from_numpy(np.stack([row_of, starts + lens - 1], 1)),
+        if lens.max() > capacity:
+            i = int(np.argmax(lens))
+            raise ValueError(f"Sample {i} has {int(lens[i])} tokens > pack_length={capacity}: it fits no row.")
+        row_of = next_fit_rows(lens, capacity)
+        used_rows = int(row_of[-1]) + 1
+        ends = np.cumsum(lens)
+        begins = ends - lens  # start of each sample in the concatenated tokens
+        first_of_row = np.flatnonzero(np.diff(row_of, prepend=-1))
+        start = begins - begins[first_of_row][row_of]  # column of each sample's first token
+        used = np.bincount(row_of, weights=lens, minlength=used_rows).astype(np.int64)
+        if self.static:
+            assert self.rows is not None and self.num_slots is not None and self.pack_length is not None
+            if used_rows > self.rows or n > self.num_slots:
+                raise ValueError(
+                    f"A batch of {n} samples in {used_rows} rows does not fit the static shape of {self.rows} rows "
+                    f"and {self.num_slots} sample slots; plan batches with max_tokens <= rows * pack_length."
+                )
+            n_rows, width, slots = self.rows, self.pack_length, self.num_slots
+            used = np.concatenate([used, np.zeros(n_rows - used_rows, dtype=np.int64)])
+        else:
+            n_rows, width, slots = used_rows, int(used.max()), n
+        total = int(ends[-1])
+        offset_in_sample = np.arange(total, dtype=np.int64) - np.repeat(begins, lens)
+        tok_row = np.repeat(row_of, lens)
+        tok_col = np.repeat(start, lens) + offset_in_sample
+        flat = tok_row * width + tok_col  # where each real token goes in the (rows * width) grid
+
+        input_ids = np.full(n_rows * width, self.pad_token_id, dtype=np.int64)
+        input_ids[flat] = np.concatenate(ids)
+        cols = np.arange(width, dtype=np.int64)
+        position_ids = (cols[None, :] - used[:, None]).reshape(-1)  # padding runs count from the row's end
+        position_ids[flat] = offset_in_sample
+        position_ids += self.position_offset
+
+        # segments in reading order: each row's samples, then its padding run (empty when the row is full), so
+        # that sample i is segment i + its row
+        pad_len = width - used
+        every_row = np.arange(n_rows, dtype=np.int64)
+        seg_row = np.concatenate([row_of, every_row])
+        seg_col = np.concatenate([start, used])
+        seg_len = np.concatenate([lens, pad_len])
+        seg_len = seg_len[np.lexsort((seg_col, seg_row))]
+        n_segments = slots + n_rows
+        cu_q = np.zeros(n_segments + 1, dtype=np.int32)
+        np.cumsum(seg_len, out=cu_q[1 : seg_len.size + 1])
+        cu_q[seg_len.size + 1 :] = cu_q[seg_len.size]  # static shapes: empty segments at the end
+        cu_real = np.zeros(slots + 1, dtype=np.int32)
+        cu_real[1 : n + 1] = ends
+        cu_real[n + 1 :] = total
+        max_length = width if self.static else int(seg_len.max())
+
+        def per_sample(values: np.ndarray, fill: int | float) -> torch.Tensor:
+            if slots == n:
+                return torch.as_tensor(values)
+            padded = np.full((slots, *values.shape[1:]), fill, dtype=values.dtype)
+            padded[:n] = values
+            return torch.as_tensor(padded)
+
+        cu_q_tensor = torch.from_numpy(cu_q)
+        out: dict[str, Any] = {
+            key: torch.from_numpy(input_ids.reshape(n_rows, width)),
+            "position_ids": torch.from_numpy(position_ids.reshape(n_rows, width)),
+            "cu_seq_lens_q": cu_q_tensor,
+            "cu_seq_lens_k": cu_q_tensor.clone(),
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+            "cu_seq_lens": torch.from_numpy(cu_real),
+            "cls_index": per_sample(np.stack([row_of, start], 1), 0),
+            "last_index": per_sample(np.stack([row_of, start + lens - 1], 1), 0),
         }
         first = samples[0]
         if "labels" in first or "label" in first:
             name = "labels" if "labels" in first else "label"
-            values = [s[name] for s in samples]
-            arrays = [np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for v in values]
+            arrays = _values(samples, name)
             if all(a.ndim == 0 for a in arrays):
-                out["labels"] = torch.as_tensor(np.stack(arrays))
-            elif all(a.ndim == 1 and a.size == n for a, n in zip(arrays, lens.tolist())):
-                labels = np.full((n_rows, width), self.label_pad_token_id, dtype=np.int64)
-                for i, (r, s, n) in enumerate(zip(row_of.tolist(), starts.tolist(), lens.tolist())):
-                    labels[r, s : s + n] = arrays[i]
-                    if self.causal:
-                        labels[r, s] = self.label_pad_token_id  # nothing predicts a sample's first token
-                out["labels"] = torch.from_numpy(labels)
+                out["labels"] = per_sample(np.stack(arrays), self.label_pad_token_id)
+            elif all(a.ndim == 1 and a.size == m for a, m in zip(arrays, full_lens.tolist(), strict=True)):
+                labels = np.full(n_rows * width, self.label_pad_token_id, dtype=np.int64)
+                labels[flat] = np.concatenate([a[:m] for a, m in zip(arrays, lens.tolist(), strict=True)])
+                if self.causal:  # nothing predicts a sample's first token
+                    labels[row_of * width + start] = self.label_pad_token_id
+                out["labels"] = torch.from_numpy(labels.reshape(n_rows, width))
             else:
                 raise ValueError("Cannot pack labels: give one scalar label per sample or one label per token.")
         for name in first:
             if name in (key, "labels", "label", "attention_mask", "position_ids"):
-                continue  # rebuilt above
-            values = [s[name] for s in samples]
-            if isinstance(values[0], str | bytes) or values[0] is None:
-                raise TypeError(f"Cannot collate key {name!r}: it holds {type(values[0]).__name__} values.")
-            arrays = [np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for v in values]
+                continue  # rebuilt above (packed rows need no attention mask: the boundaries say it)
+            if isinstance(first[name], str | bytes) or first[name] is None:
+                raise TypeError(f"Cannot collate key {name!r}: it holds {type(first[name]).__name__} values.")
+            arrays = _values(samples, name)
             if all(a.ndim == 0 for a in arrays):  # per-sample numbers (ids, weights): one entry per sample
-                out[name] = torch.as_tensor(np.stack(arrays))
-            elif all(a.ndim == 1 and a.size == n for a, n in zip(arrays, lens.tolist())):  # per-token features
-                packed = np.zeros((n_rows, width), dtype=arrays[0].dtype)
-                for i, (r, s, n) in enumerate(zip(row_of.tolist(), starts.tolist(), lens.tolist())):
-                    packed[r, s : s + n] = arrays[i]
-                out[name] = torch.from_numpy(packed)
+                out[name] = per_sample(np.stack(arrays), -1 if name == "index" else 0)
+            elif all(a.ndim == 1 and a.size == m for a, m in zip(arrays, full_lens.tolist(), strict=True)):
+                packed = np.zeros(n_rows * width, dtype=arrays[0].dtype)
+                packed[flat] = np.concatenate([a[:m] for a, m in zip(arrays, lens.tolist(), strict=True)])
+                out[name] = torch.from_numpy(packed.reshape(n_rows, width))
             else:
                 raise ValueError(f"Cannot pack key {name!r}: neither one number per sample nor one per token.")
         return out
-
-
-def _base_and_head(model: nn.Module) -> tuple[nn.Module, str]:
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__} is not a Hugging Face model with a base model and a head.")
-    if hasattr(model, "classifier"):
-        return base, "first"
-    if hasattr(model, "score"):
-        return base, "last"
-    raise ValueError(
-        f"Cannot pool packed samples for {type(model).__name__}: expected a `classifier` head (BERT-style, pooled "
-        "first token) or a `score` head (decoder-style, last token). Use strategy='bucket' for this model."
-    )
-
-
-def packed_classification_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Sequence-classification logits of packed samples: each sample pooled at its own first or last token.
-
-    BERT-style models (a ``classifier`` head, and a ``pooler`` in the base model when it has one) pool each sample's
-    first token; decoder-style models (a ``score`` head, e.g. GPT-2, Llama) its last token.
-
-    Raises:
-        ValueError: For models with another head layout.
-    """
-    base, where = _base_and_head(model)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in batch}
-    hidden = base(**inputs).last_hidden_state
-    index = batch["cls_index"] if where == "first" else batch["last_index"]
-    states = hidden[index[:, 0], index[:, 1]]  # (samples, hidden)
-    if where == "last":
-        return model.score(states)  # type: ignore[operator]
-    pooler: Any = getattr(base, "pooler", None)
-    pooled = pooler(states[:, None]) if pooler is not None else states[:, None]
-    head: Any = model.classifier
-    dropout: Any = getattr(model, "dropout", None)
-    if pooler is not None:  # BertForSequenceClassification: dropout + linear on the pooled vector
-        return head(dropout(pooled) if dropout is not None else pooled)
-    return head(pooled)  # RoBERTa-style heads take (batch, seq, hidden) and read position 0
-
-
-def check_packing_support(model: nn.Module, *, causal: bool, vocab_size: int | None = None) -> None:
-    """Check on two short random samples that ``model`` keeps packed samples apart.
-
-    Runs the base model once on the two samples packed in one row and once on each alone (eval mode, no grad) and
-    compares the hidden states.
-
-    Raises:
-        ValueError: If the model rejects the packed inputs (e.g. no ``position_ids`` or no 4-D masks) or mixes the
-            samples (e.g. absolute positions that ignore ``position_ids``): use strategy='bucket' for it.
-    """
-    base = getattr(model, "base_model", model)
-    config = getattr(model, "config", None)
-    vocab = vocab_size or getattr(config, "vocab_size", None)
-    if vocab is None:
-        embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-        vocab = embeddings[0].num_embeddings if embeddings else 2
-    vocab = int(vocab)
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    samples = [{"input_ids": torch.randint(1, vocab, (n,), generator=gen)} for n in (5, 3)]
-    batch = PackingCollator(16, causal=causal)(samples)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            packed = base(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device),
-            ).last_hidden_state[0]
-            alone = torch.cat([base(input_ids=s["input_ids"][None].to(device)).last_hidden_state[0] for s in samples])
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        raise ValueError(
-            f"{type(model).__name__} cannot take packed input ({type(err).__name__}: {err}). "
-            "Use strategy='bucket' for this model."
-        ) from err
-    finally:
-        model.train(was_training)
-    if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-3):
-        raise ValueError(
-            f"{type(model).__name__} mixes packed samples (max difference "
-            f"{float((packed.float() - alone.float()).abs().max()):.3g}): it ignores position_ids or the 4-D mask. "
-            "Use strategy='bucket' for this model."
-        )

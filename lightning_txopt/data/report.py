@@ -11,7 +11,8 @@ import numpy as np
 import numpy.typing as npt
 
 from lightning_txopt.data.collator import padded_widths
-from lightning_txopt.data.planning import as_lengths, plan_epoch
+from lightning_txopt.data.planning import as_lengths, next_fit_rows, plan_epoch
+from lightning_txopt.utils.checks import round_up
 
 __all__ = ["PaddingRow", "padding_report", "STRATEGIES"]
 
@@ -45,16 +46,8 @@ class PaddingRow:
         return dataclasses.asdict(self)
 
 
-def _round_up(widths: np.ndarray, multiple: int | None) -> np.ndarray:
-    if not multiple:
-        return widths
-    return -(-widths // multiple) * multiple
-
-
 def _packed_tokens(lengths: np.ndarray, capacity: int) -> int:
     """Tokens a packed batch processes: rows x the longest row (what PackingCollator builds)."""
-    from lightning_txopt.data.packing import next_fit_rows
-
     row_len = np.bincount(next_fit_rows(lengths, capacity), weights=lengths)
     return int(row_len.size * row_len.max())
 
@@ -135,7 +128,7 @@ def padding_report(
             continue
         if strategy == "fixed":
             plan = plan_epoch(np.full_like(truncated, fixed_len), group_by_length=False, **common)
-            width = _round_up(np.full(plan.num_batches, fixed_len), pad_to_multiple_of)
+            width = round_up(np.full(plan.num_batches, fixed_len), pad_to_multiple_of)
         else:
             # plan on padded widths, as the DataModule does, so that a token budget holds for the padded batches
             padded = padded_widths(truncated, pad_to_multiple_of=pad_to_multiple_of, pad_to_lengths=pad_to_lengths)

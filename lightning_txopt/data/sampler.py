@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
-from lightning_txopt.data.planning import _OVERSIZE_POLICIES, EpochPlan, OversizePolicy, as_lengths, plan_epoch
+from lightning_txopt.data.planning import OVERSIZE_POLICIES, EpochPlan, OversizePolicy, as_lengths, plan_epoch
+from lightning_txopt.utils.checks import check_exactly_one_budget, check_positive_int
 
 __all__ = ["BucketBatchSampler", "resolve_replicas"]
 
@@ -60,7 +62,18 @@ def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, i
     return num_replicas, rank
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+def _replicas_of(sampler: Any) -> tuple[int, int] | None:
+    """``(num_replicas, rank)`` of a distributed sampler Lightning passes in, ``None`` for a plain one.
+
+    ``DistributedSampler`` and Lightning's wrappers of it have both attributes.
+    """
+    replicas, rank = getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)
+    if isinstance(replicas, int) and isinstance(rank, int):
+        return replicas, rank
+    return None
+
+
+class BucketBatchSampler(BatchSampler):
     """Yield batches of sample indices grouped by length, sized by sample count or by a padded-token budget.
 
     The plan of an epoch is a pure function of ``(lengths, seed, epoch, num_replicas)`` (see
@@ -71,6 +84,11 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Call :meth:`set_epoch` at the start of every epoch for a new order. Lightning does it for you through
     ``batch_sampler.sampler.set_epoch``, which this class forwards.
+
+    Under ``Trainer(strategy="ddp")`` (any number of processes) Lightning re-creates batch samplers with a
+    ``DistributedSampler`` as ``sampler``; this class takes the number of ranks and the rank from it and plans as
+    always, so nothing needs switching off (``use_distributed_sampler`` may stay at its default). The plan is computed
+    when first needed and cached per epoch, so constructing a sampler is cheap.
     :meth:`state_dict`/:meth:`load_state_dict` give exact mid-epoch resume: a sampler loaded with the state taken
     after ``k`` batches yields batch ``k + 1`` onward of the same epoch.
 
@@ -90,6 +108,9 @@ class BucketBatchSampler(Sampler[list[int]]):
             sample, ``"skip"`` leaves them out with a warning, ``"single"`` puts each alone in a batch.
         pack_length: Padding-free packing (needs ``max_tokens``): batches of ``max_tokens // pack_length`` rows of
             at most ``pack_length`` tokens each, for :class:`~lightning_txopt.data.packing.PackingCollator`.
+        sampler: Where the number of ranks and the rank come from when Lightning re-creates the sampler for
+            distributed training (a ``DistributedSampler``; its own order is not used: the plan deals the batches).
+            Any other sampler is ignored.
 
     Raises:
         ValueError: On invalid arguments, empty or non-positive lengths, or a sample over ``max_tokens``
@@ -118,25 +139,25 @@ class BucketBatchSampler(Sampler[list[int]]):
         pool_size: int | None = None,
         oversize: OversizePolicy = "error",
         pack_length: int | None = None,
+        sampler: Any = None,
     ) -> None:
-        if (batch_size is None) == (max_tokens is None):
-            raise ValueError(
-                f"Give exactly one of `batch_size` and `max_tokens` (got batch_size={batch_size!r}, "
-                f"max_tokens={max_tokens!r})."
-            )
+        check_exactly_one_budget(batch_size, max_tokens)
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("pool_size", pool_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_int(name, value, optional=True)
+        check_positive_int("pack_length", pack_length, optional=True)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
-        if oversize not in _OVERSIZE_POLICIES:
-            raise ValueError(f"`oversize` must be one of {_OVERSIZE_POLICIES}, got {oversize!r}.")
+        if oversize not in OVERSIZE_POLICIES:
+            raise ValueError(f"`oversize` must be one of {OVERSIZE_POLICIES}, got {oversize!r}.")
         self.lengths = as_lengths(lengths)
-        self.batch_size = batch_size
+        self.batch_size: int | None = batch_size  # type: ignore[assignment]  # None: a token budget plans instead
         self.max_tokens = max_tokens
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        given = _replicas_of(sampler)
+        if given is not None:  # Lightning's distributed sampler says where this copy runs
+            num_replicas, rank = given
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
         self.group_by_length = group_by_length
         self.pool_size = pool_size
@@ -146,9 +167,22 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._skip = 0  # batches to skip at the next __iter__ (resume)
         self._yielded = 0  # batches yielded by the running iteration
         self._cache: tuple[int, EpochPlan] | None = None
-        self._warned_skip = False
-        self.sampler = _RankSampler(self)
-        self.plan()  # validate eagerly: an oversize sample or too little data fails here, not mid-training
+        self.sampler = _RankSampler(self)  # type: ignore[assignment]
+        self._check()  # fail here, not mid-training: an oversize sample, too little data for the ranks
+
+    def _check(self) -> None:
+        """The plan's up-front errors without planning: samples over the budget, fewer samples than ranks."""
+        limit = self.pack_length or self.max_tokens
+        over = np.flatnonzero(self.lengths > limit) if limit is not None else np.empty(0)
+        if over.size and self.oversize == "error":
+            self.plan()  # raises the planner's own message, naming the sample
+        if over.size and self.oversize == "skip":
+            rank_zero_warn(
+                f"BucketBatchSampler: {over.size} sample(s) longer than max_tokens={self.max_tokens} are skipped "
+                f"every epoch (oversize='skip')."
+            )
+        if self.lengths.size < self.num_replicas and not self.drop_last:
+            self.plan()
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The plan of ``epoch`` (default: the current one), computed once and cached."""
@@ -169,14 +203,6 @@ class BucketBatchSampler(Sampler[list[int]]):
             oversize=self.oversize,
             pack_length=self.pack_length,
         )
-        if plan.skipped.size and self.oversize == "skip" and not self._warned_skip and self.max_tokens is not None:
-            n_over = int((self.lengths > (self.pack_length or self.max_tokens)).sum())
-            if n_over:
-                rank_zero_warn(
-                    f"BucketBatchSampler: {n_over} sample(s) longer than max_tokens={self.max_tokens} are skipped "
-                    f"every epoch (oversize='skip')."
-                )
-                self._warned_skip = True
         self._cache = (epoch, plan)
         return plan
 

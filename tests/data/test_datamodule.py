@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_txopt.data.datamodule import BucketDataModule
@@ -156,15 +157,27 @@ def test_resume_from_end_of_epoch_checkpoint(tmp_path):
 def test_state_dict_roundtrip_without_trainer():
     dm = _dm()
     dm.setup("fit")
-    it = iter(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    it = iter(loader)
     next(it), next(it)
-    state = dm.state_dict()
+    state = loader.state_dict()  # the one resume channel: the training loader's state (Lightning saves it)
     assert state["consumed"] == 2 and state["epoch"] == 0
+    assert dm.state_dict() == {}  # the DataModule saves no second copy
     other = _dm()
     other.setup("fit")
-    other.load_state_dict(state)
-    rest = [b["idx"].tolist() for b in other.train_dataloader()]
+    resumed = other.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = [b["idx"].tolist() for b in resumed]
     assert rest == [b["idx"].tolist() for b in it]
+
+
+def test_the_position_is_saved_once_in_a_checkpoint(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    cpu_trainer(max_epochs=1, callbacks=[ckpt], enable_checkpointing=True).fit(RecordingClassifier(), datamodule=_dm())
+    saved = torch.load(tmp_path / "step=3.ckpt", weights_only=True)
+    assert "BucketDataModule" not in saved  # no DataModule copy of the position...
+    loop = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loop == [{"epoch": 0, "consumed": 3, "seed": 7, "num_replicas": 1}]  # ...only the loader's
 
 
 class _Tokenised(BucketDataModule):

@@ -1,0 +1,303 @@
+"""A variable-length attention backend for Hugging Face models, built on ``torch.nn.attention.varlen``.
+
+:func:`use_varlen_attention` registers ``"txopt_varlen"`` with transformers' ``AttentionInterface`` and
+``AttentionMaskInterface`` and switches a model to it. Every model that dispatches its attention through those
+interfaces (BERT, RoBERTa, ELECTRA, DistilBERT, ModernBERT, GPT-2, Llama, Qwen2, Mistral, GPT-NeoX, ...) then runs
+*packed* rows with no mask at all: the batch's segment boundaries (``cu_seq_lens_q``/``cu_seq_lens_k``,
+``max_length_q``/``max_length_k``, see :mod:`lightning_txopt.data.packing`) go to the kernel, bidirectional for
+encoders and causal for decoders (each attention module's ``is_causal``), the model's sliding window or local attention
+through the kernel's ``window_size``.
+
+Which kernel runs is decided per call, on the tensors at hand:
+
+* packed, CUDA, bf16/fp16, a torch with ``varlen_attn``: FlashAttention's varlen kernel (no attention dropout: the
+  kernel has none);
+* packed, anywhere else (CPU, fp32, an old torch): an exact fallback, SDPA with a block mask built from the same
+  boundaries (per row, so its cost is ``rows x width^2``, with dropout as SDPA applies it);
+* not packed: transformers' own SDPA, with the mask transformers built (the window applied when it built none).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+__all__ = [
+    "VARLEN_ATTENTION",
+    "attention_dropout",
+    "register_varlen_attention",
+    "segment_ids",
+    "segment_mask",
+    "use_varlen_attention",
+    "varlen_attention_forward",
+    "varlen_kernel_available",
+]
+
+#: The name of the backend in transformers' attention interfaces (``config._attn_implementation``).
+VARLEN_ATTENTION = "txopt_varlen"
+
+
+@functools.cache
+def _varlen_attn() -> tuple[Callable[..., Any], frozenset[str]] | None:
+    """Torch's ``varlen_attn`` and the names of its parameters, or ``None`` when this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the variable-length FlashAttention kernel runs for tensors of ``dtype`` on ``device``.
+
+    It needs a torch with ``torch.nn.attention.varlen.varlen_attn``, a CUDA device of compute capability 8.0 or
+    newer (Ampere, Hopper) and bf16 or fp16 tensors.
+
+    Example:
+        >>> varlen_kernel_available("cpu", torch.bfloat16)
+        False
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or _varlen_attn() is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def segment_ids(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """The segment of each of ``total`` tokens, from the boundaries ``cu_seq_lens`` (empty segments allowed).
+
+    Example:
+        >>> segment_ids(torch.tensor([0, 3, 3, 5], dtype=torch.int32), 5).tolist()
+        [0, 0, 0, 2, 2]
+    """
+    tokens = torch.arange(total, device=cu_seq_lens.device, dtype=cu_seq_lens.dtype)
+    return torch.bucketize(tokens, cu_seq_lens[1:], right=True)
+
+
+def segment_mask(
+    cu_seq_lens: torch.Tensor, rows: int, width: int, *, causal: bool, window: tuple[int, int] = (-1, -1)
+) -> torch.Tensor:
+    """Boolean ``(rows, 1, width, width)`` mask: a token attends to the tokens of its own segment only.
+
+    ``cu_seq_lens`` are boundaries over the ``rows * width`` tokens read row after row (no segment crosses a row);
+    ``causal`` keeps keys at or before the query; ``window = (left, right)`` keeps keys at most ``left`` before and
+    ``right`` after the query (-1: unbounded), FlashAttention's convention.
+
+    Example:
+        >>> m = segment_mask(torch.tensor([0, 2, 4], dtype=torch.int32), 1, 4, causal=True)
+        >>> m[0, 0].int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    """
+    seg = segment_ids(cu_seq_lens, rows * width).view(rows, width)
+    mask = seg[:, :, None] == seg[:, None, :]
+    pos = torch.arange(width, device=seg.device)
+    delta = pos[:, None] - pos[None, :]  # query - key, inside a row (a segment never crosses one)
+    if causal:
+        mask &= delta >= 0
+    left, right = window
+    if left >= 0:
+        mask &= delta <= left
+    if right >= 0:
+        mask &= -delta <= right
+    return mask[:, None]
+
+
+def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
+    """FlashAttention's ``(left, right)`` for transformers' ``sliding_window`` argument (as its FA2 path reads it)."""
+    if sliding_window is None:
+        return (-1, 0) if causal else (-1, -1)
+    reach = int(sliding_window) - 1
+    return (reach, 0) if causal else (reach, reach)
+
+
+def _kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    scale: float | None,
+    window: tuple[int, int],
+) -> torch.Tensor:
+    """Torch's varlen kernel on ``(tokens, heads, dim)`` tensors, whatever this torch's signature."""
+    found = _varlen_attn()
+    assert found is not None
+    fn, params = found
+    kwargs: dict[str, Any] = {"scale": scale}
+    causal = window[1] == 0
+    if "is_causal" in params:  # torch 2.10-2.11: a flag beside the window
+        kwargs["is_causal"] = causal
+    if "window_size" in params:
+        kwargs["window_size"] = window
+    elif window[0] >= 0:
+        raise RuntimeError(
+            f"torch {torch.__version__}'s varlen_attn has no window_size: this model's sliding window cannot run on "
+            "it. Upgrade torch (>= 2.11) or use attn_implementation='sdpa' with strategy='bucket'."
+        )
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention function registered as ``"txopt_varlen"`` (transformers' ``AttentionInterface`` signature).
+
+    ``query`` ``(batch, heads, seq, dim)``, ``key``/``value`` ``(batch, kv_heads, seq, dim)``; returns
+    ``(batch, seq, heads, dim)``. Packed when ``cu_seq_lens_q`` is given (see the module docstring).
+
+    Raises:
+        ValueError: For a packed call with an additive position bias (T5's relative attention), which neither path
+            can apply per segment.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if cu_seq_lens_q is None:  # a plain padded batch: transformers' SDPA, with the mask transformers built
+        if attention_mask is None and sliding_window is not None and query.shape[2] >= sliding_window:
+            # transformers builds no mask without a padding mask: apply the window here
+            seq = query.shape[2]
+            cu = torch.tensor([0, seq], dtype=torch.int32, device=query.device)
+            attention_mask = segment_mask(cu, 1, seq, causal=causal, window=_window(sliding_window, causal))
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(
+            f"{type(module).__name__} adds a position bias to its attention scores (relative attention, as in T5): "
+            "packed rows cannot carry it. Use strategy='bucket' for this model."
+        )
+    cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
+    batch, heads, seq, dim = query.shape
+    window = _window(sliding_window, causal)
+    if varlen_kernel_available(query.device, query.dtype) and dim % 8 == 0 and dim <= 256:
+        q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
+        k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
+        v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], value.shape[-1])
+        max_q = max_length_q if max_length_q is not None else seq
+        max_k = max_length_k if max_length_k is not None else max_q
+        out = _kernel(q, k, v, cu_seq_lens_q, cu_k, max_q, max_k, scale=scaling, window=window)
+        return out.view(batch, seq, heads, -1), None
+    # exact fallback: SDPA with a block mask built from the same boundaries
+    mask = segment_mask(cu_seq_lens_q, batch, seq, causal=causal, window=window)
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_mask(**kwargs: Any) -> Any:
+    """The ``AttentionMaskInterface`` entry: no mask for packed rows, transformers' SDPA mask for padded batches.
+
+    Packed batches come without a 2-D padding mask (their boundaries are in the batch); the attention function
+    then applies causality and windows itself. Padded batches get exactly the mask SDPA would get.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(**kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register ``"txopt_varlen"`` with transformers' attention and mask interfaces (idempotent); return the name.
+
+    Example:
+        >>> from transformers import AttentionInterface
+        >>> register_varlen_attention() in AttentionInterface()
+        True
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    return VARLEN_ATTENTION
+
+
+_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "attn_dropout")
+
+
+def attention_dropout(model: nn.Module) -> float:
+    """The largest attention-dropout probability in the model's config (0.0 when it has none).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> attention_dropout(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...     intermediate_size=8, vocab_size=10, attention_probs_dropout_prob=0.1)))
+        0.1
+    """
+    config = getattr(model, "config", None)
+    values = [getattr(config, key, 0.0) for key in _DROPOUT_KEYS]
+    return max((float(v) for v in values if isinstance(v, int | float)), default=0.0)
+
+
+def use_varlen_attention(model: nn.Module) -> nn.Module:
+    """Switch a Hugging Face model to the ``"txopt_varlen"`` attention backend (in place; returns the model).
+
+    Padded batches keep running SDPA unchanged; packed batches (with ``cu_seq_lens_q``) run the varlen kernel on
+    CUDA in bf16/fp16 and an exact block-masked SDPA elsewhere. Warns when the model has attention dropout, which the
+    kernel does not apply.
+
+    Raises:
+        ValueError: If ``model`` is not a Hugging Face model whose attention implementation can be set.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = use_varlen_attention(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=8, vocab_size=10, attention_probs_dropout_prob=0.0)))
+        >>> model.config._attn_implementation
+        'txopt_varlen'
+    """
+    setter = getattr(model, "set_attn_implementation", None)
+    if not callable(setter):
+        raise ValueError(
+            f"{type(model).__name__} is not a Hugging Face PreTrainedModel (no set_attn_implementation): the varlen "
+            "backend plugs into transformers' attention interface. Pack its batches with block masks instead."
+        )
+    name = register_varlen_attention()
+    try:
+        setter(name)
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(
+            f"{type(model).__name__} cannot use a custom attention implementation ({err}): its attention does not "
+            "dispatch through transformers' AttentionInterface. Use attn_implementation='sdpa'."
+        ) from err
+    p = attention_dropout(model)
+    if p > 0:
+        rank_zero_warn(
+            f"use_varlen_attention: {type(model).__name__} has attention dropout {p}; the varlen kernel applies none, "
+            "so packed batches on the GPU train without attention dropout (hidden-state dropout still applies). Set "
+            "the attention dropout to 0 to make every path the same, or train with strategy='bucket'."
+        )
+    return model

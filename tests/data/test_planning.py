@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_txopt.data.planning import best_fit_decreasing, next_fit_rows, plan_epoch
+from lightning_txopt.data.report import padding_report
+
+FORTUNES = Path(__file__).parent / "fortune_lengths.npy"
+
+
+def _sequential_best_fit(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """The textbook one-sample-at-a-time best fit over a given order (the reference)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for sid in order.tolist():
+        size = int(lengths[sid])
+        fits = [r for r in range(len(rows)) if room[r] >= size]
+        if fits:
+            row = min(fits, key=lambda r: room[r])
+        else:
+            row = len(rows)
+            rows.append([])
+            room.append(capacity)
+        rows[row].append(sid)
+        room[row] -= size
+    return rows
+
+
+def _next_fit(lengths: list[int], capacity: int) -> list[int]:
+    out, used, row = [], 0, 0
+    for n in lengths:
+        if used and used + n > capacity:
+            row, used = row + 1, 0
+        out.append(row)
+        used += n
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=150), capacity=st.integers(64, 200))
+def test_best_fit_decreasing_is_textbook_best_fit(lengths, capacity):
+    lengths = np.asarray(lengths)
+    order, offsets = best_fit_decreasing(lengths, np.arange(lengths.size), capacity)
+    rows = [order[a:b].tolist() for a, b in itertools.pairwise(offsets)]
+    assert sorted(order.tolist()) == list(range(lengths.size))  # every sample once
+    assert all(lengths[r].sum() <= capacity for r in rows)
+    decreasing = np.argsort(-lengths, kind="stable")
+    reference = _sequential_best_fit(lengths, decreasing, capacity)
+    assert len(rows) == len(reference)  # as few rows as the reference...
+    assert sorted(int(lengths[r].sum()) for r in rows) == sorted(int(lengths[r].sum()) for r in reference)  # ...same
+    expected = np.repeat(np.arange(len(rows)), np.diff(offsets))
+    assert next_fit_rows(lengths[order], capacity).tolist() == expected.tolist()  # the collator recovers the rows
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=80), capacity=st.integers(1, 64))
+def test_next_fit_rows_matches_the_loop(lengths, capacity):
+    assert next_fit_rows(lengths, capacity).tolist() == _next_fit(lengths, capacity)
+
+
+def test_best_fit_random_ties_change_rows_not_their_quality():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, 2000)
+    a = best_fit_decreasing(lengths, np.arange(2000), 128, np.random.default_rng(1))
+    b = best_fit_decreasing(lengths, np.arange(2000), 128, np.random.default_rng(2))
+    assert a[1].size == b[1].size and not np.array_equal(a[0], b[0])
+
+
+def test_best_fit_errors():
+    with pytest.raises(ValueError, match="does not fit rows of 8"):
+        best_fit_decreasing(np.array([9, 3]), np.arange(2), 8)
+    with pytest.raises(ValueError, match="capacity"):
+        best_fit_decreasing(np.array([3]), np.arange(1), 0)
+
+
+def test_corpus_packing_target_and_minimum_batches():
+    lengths = np.load(FORTUNES)
+    row = {r.strategy: r for r in padding_report(lengths, max_tokens=16384, max_length=512)}["packed"]
+    assert row.efficiency >= 0.995
+    assert row.batches <= 1.02 * math.ceil(lengths.sum() / 16384)
+    plan = plan_epoch(lengths, max_tokens=16384, pack_length=512, seed=0)
+    assert plan.num_batches == row.batches
+
+
+def test_plan_needs_a_budget_with_packing():
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan_epoch(np.array([3, 4]), batch_size=2, pack_length=8)
+    with pytest.raises(ValueError, match="pack_length=9 > max_tokens=8"):
+        plan_epoch(np.array([3, 4]), max_tokens=8, pack_length=9)
