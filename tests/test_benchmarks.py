@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -74,3 +75,23 @@ def test_padding_efficiency_against_the_corpus_readme():
     assert "Corpus: 14,396 samples" in stdout  # the embedded corpus, whole
     # fixed padding to 512: ceil(14,396 / 32) = 450 batches, 14,396 x 512 = 7,370,752 processed tokens
     assert "| fixed, batch 32 | 450 | 7,370,752 | 0.085 |" in stdout
+
+
+def test_token_budget_quick_and_report(tmp_path):
+    out = tmp_path / "tb.json"
+    stdout = _ok(
+        _run("token_budget.py", "--quick", "--only", "bert-bucket", "--verify-epochs", "1", "--json", str(out))
+    )
+    row = json.loads(out.read_text())["rows"][0]
+    found, hand = row["finder"], row["by_hand"]
+    assert row["verify"]["ok"] and found["max_tokens"] % found["multiple"] == 0
+    assert hand["max_tokens"] >= found["max_tokens"]  # the finder keeps a margin; a full run at its budget fits
+    assert hand["first_failing"] > hand["max_tokens"]  # bracketed: a larger budget ran out of memory
+    assert f"| bert-bucket | {found['max_tokens']} |" in stdout
+    assert f"| bert-bucket | {found['max_tokens']} |" in _ok(_run("token_budget.py", "--report-from", str(out)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_token_budget_refuses_the_cpu_without_quick():
+    proc = _run("token_budget.py", "--no-reference", timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr

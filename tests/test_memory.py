@@ -358,3 +358,14 @@ def test_cuda_memory_reads_the_allocator():
     assert memory.peak(device) >= 64 * 2**20
     memory.release(device)
     assert torch.cuda.max_memory_allocated(device) < 64 * 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_real_cuda_out_of_memory_error_explained():
+    batch = {"input_ids": torch.zeros(8, 64, dtype=torch.long, device="cuda")}
+    with pytest.raises(torch.OutOfMemoryError) as info, explaining_out_of_memory(batch, max_tokens=512):
+        torch.empty(2**50, dtype=torch.uint8, device="cuda")
+    text = str(info.value)
+    assert "shape (8, 64)" in text and "max_tokens=512" in text and "GiB allocated" in text
+    assert "Original error: CUDA out of memory" in text

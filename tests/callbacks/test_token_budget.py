@@ -367,7 +367,8 @@ def test_two_ranks_agree_when_one_runs_out_of_memory(tmp_path):
     trainer = cpu_trainer(
         max_steps=1, devices=2, strategy="ddp_spawn", use_distributed_sampler=False, callbacks=[f, _Record(tmp_path, f)]
     )
-    trainer.fit(module(), datamodule=BudgetDataModule(SAMPLES))
+    # sdpa: the 'auto' backend's registration with transformers does not survive ddp_spawn's pickling (main's bug)
+    trainer.fit(module(attn_implementation="sdpa"), datamodule=BudgetDataModule(SAMPLES))
     ranks = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["budget"] == ranks[1]["budget"] == ranks[0]["dm"] == ranks[1]["dm"]
     assert ranks[0]["probes"] == ranks[1]["probes"]  # the same agreed measurements on both ranks
@@ -471,3 +472,62 @@ def test_step_prober_needs_one_optimizer():
 
     with pytest.raises(ValueError, match="exactly one optimizer"):
         StepProber(Trainer(), module(), SavedTensorsMemory(10))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HOLD = 2**24  # bytes per padded token that _Greedy holds through its forward: an H200 fills at ~8,000 tokens
+
+
+class _Greedy(TransformerModule):
+    """A tiny model that takes 16 MiB per padded token: real out-of-memory errors at a few thousand tokens."""
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hold = torch.empty(batch["input_ids"].numel() * HOLD, dtype=torch.uint8, device=self.device)
+        loss = super().training_step(batch, batch_idx)
+        del hold
+        return loss
+
+
+def _greedy() -> _Greedy:
+    torch.manual_seed(0)
+    return _Greedy(config=CONFIG, num_labels=3, learning_rate=1e-3, warmup=0, attn_implementation="eager")
+
+
+GPU_SAMPLES = make_samples(4000, seed=2, max_len=40)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_budget_after_real_out_of_memory_errors():
+    f = TokenBudgetFinder()
+    dm = BudgetDataModule(GPU_SAMPLES)
+    trainer = cpu_trainer(accelerator="cuda", max_steps=5, callbacks=[f], plugins=[MixedPrecision("16-mixed", "cuda")])
+    trainer.fit(_greedy(), datamodule=dm)
+    assert f.search is not None and f.budget is not None and f.seconds is not None
+    assert any(p is None for _, p in f.search.probes)  # real CUDA out-of-memory errors, recovered from
+    assert f.search.stopped == "bracketed" and f.seconds < 30
+    capacity = f.search.limit / 0.9
+    assert f.budget * HOLD <= f.search.limit and (f.budget + 8) * HOLD > 0.85 * capacity  # near the limit
+    assert trainer.global_step == 5  # trained at the found budget without running out of memory
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_restores_state_exactly():
+    def fit(callbacks: list[Callback], dm: pl.LightningDataModule) -> tuple[Any, ...]:
+        m = _greedy()
+        plugin = MixedPrecision("16-mixed", "cuda")
+        torch.manual_seed(7)
+        torch.cuda.manual_seed(7)
+        trainer = cpu_trainer(accelerator="cuda", max_steps=0, callbacks=callbacks, plugins=[plugin])
+        trainer.fit(m, datamodule=dm)
+        state = trainer.optimizers[0].state_dict()["state"]
+        return params(m), state, plugin.scaler.get_scale(), torch.cuda.get_rng_state(), torch.get_rng_state()
+
+    f = TokenBudgetFinder()
+    weights, state, scale, cuda_rng, cpu_rng = fit([f], BudgetDataModule(GPU_SAMPLES))
+    ref = fit([], BudgetDataModule(GPU_SAMPLES, f.budget))
+    assert_same(weights, ref[0])
+    assert state == ref[1] == {} and scale == ref[2]
+    assert torch.equal(cuda_rng, ref[3]) and torch.equal(cpu_rng, ref[4])
