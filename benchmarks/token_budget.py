@@ -52,7 +52,7 @@ from _common import RECORDED_LENGTHS, ROOT, environment, markdown_table, write_o
 from lightning.pytorch.callbacks import Callback
 
 from lightning_txopt import BucketDataModule, GradientCheckpointing, TokenBudgetFinder, TransformerModule, load_fortunes
-from lightning_txopt.callbacks import fit_checkpointing
+from lightning_txopt.callbacks import disable_gradient_checkpointing, enable_gradient_checkpointing, fit_checkpointing
 from lightning_txopt.memory import DeviceMemory, GiB, SavedTensorsMemory, is_out_of_memory
 
 MODELS = ("bert-bucket", "bert-packed", "llama-350m")
@@ -275,8 +275,15 @@ class _AutoCheckpointing(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model  # type: ignore[attr-defined]
+
+        def apply(every_n_layers: int | None) -> None:
+            disable_gradient_checkpointing(model)
+            if every_n_layers is not None:
+                enable_gradient_checkpointing(model, every_n_layers=every_n_layers)
+
+        blocks = int(model.config.num_hidden_layers)
         self.choice = fit_checkpointing(
-            trainer, pl_module, model, max_memory_fraction=self.fraction, memory=memory(self.quick)
+            trainer, pl_module, apply, blocks, max_memory_fraction=self.fraction, memory=memory(self.quick)
         )
 
 

@@ -25,11 +25,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_txopt.callbacks.gradient_checkpointing import (
-    Mode,
-    disable_gradient_checkpointing,
-    enable_gradient_checkpointing,
-)
 from lightning_txopt.memory import (
     BudgetSearch,
     CheckpointingChoice,
@@ -39,7 +34,6 @@ from lightning_txopt.memory import (
     format_bytes,
     search_token_budget,
 )
-from lightning_txopt.utils.blocks import find_block_list
 
 __all__ = ["DATAMODULE_PROTOCOL", "StepProber", "TokenBudgetFinder", "fit_checkpointing"]
 
@@ -546,31 +540,29 @@ class TokenBudgetFinder(Callback):
 def fit_checkpointing(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
-    model: nn.Module,
+    apply: Callable[[int | None], None],
+    num_blocks: int,
     *,
     max_memory_fraction: float = 0.9,
-    mode: Mode = "full",
-    block_classes: list[str] | None = None,
-    prefer_native: bool = True,
     memory: DeviceMemory | None = None,
     probe_steps: int = 1,
 ) -> CheckpointingChoice:
-    """Checkpoint the fewest blocks of ``model`` for the planned batches to fit ``max_memory_fraction`` of the device.
+    """Checkpoint the fewest of ``num_blocks`` blocks for the planned batches to fit ``max_memory_fraction``.
 
     The batches are the DataModule's worst case at its budget in force (``dm.probe_batches(dm.max_tokens)``, which
     must be set); every candidate interval (:func:`~lightning_txopt.memory.choose_checkpointing`) is applied with
-    :func:`~lightning_txopt.callbacks.enable_gradient_checkpointing` and measured with :class:`StepProber`, state
-    restored after. The chosen interval stays applied (none if the batches fit without checkpointing). Call it at
+    ``apply(every_n_layers)`` (``None``: no checkpointing) and measured with :class:`StepProber`, state restored
+    after. The chosen interval is applied last (none if the batches fit without checkpointing). Call it at
     ``on_fit_start`` (model on its device, optimizer configured), on every rank: the ranks agree.
 
     Args:
         trainer: The Trainer.
         pl_module: The LightningModule (whose ``training_step`` is probed).
-        model: The module holding the blocks (e.g. ``pl_module.model``).
+        apply: Sets the checkpointing of the model: ``every_n_layers`` blocks apart, or none for ``None`` (e.g.
+            :func:`~lightning_txopt.callbacks.disable_gradient_checkpointing` then
+            :func:`~lightning_txopt.callbacks.enable_gradient_checkpointing`).
+        num_blocks: Number of transformer blocks.
         max_memory_fraction: Largest share of the device's memory the peak may take.
-        mode: Checkpointing mode (``"full"`` or ``"selective"``).
-        block_classes: Class names of the blocks, overriding detection.
-        prefer_native: Use a Hugging Face model's own mechanism where possible (every block).
         memory: How the device's memory is read (default :class:`~lightning_txopt.memory.CudaMemory`).
         probe_steps: Training steps on each batch per candidate.
 
@@ -580,6 +572,18 @@ def fit_checkpointing(
     Raises:
         ValueError: On an unsupported strategy, a DataModule without the token-budget protocol or without a budget.
         RuntimeError: Without a CUDA device (default ``memory``), or when even every block checkpointed does not fit.
+
+    Example:
+        >>> from lightning_txopt.callbacks import disable_gradient_checkpointing, enable_gradient_checkpointing
+        >>> class AutoCheckpointing(pl.Callback):  # what GradientCheckpointing(every_n_layers="auto") does
+        ...     def on_fit_start(self, trainer, pl_module):
+        ...         model = pl_module.model
+        ...         def apply(n):
+        ...             disable_gradient_checkpointing(model)
+        ...             if n is not None:
+        ...                 enable_gradient_checkpointing(model, every_n_layers=n)
+        ...         blocks = model.config.num_hidden_layers
+        ...         self.choice = fit_checkpointing(trainer, pl_module, apply, blocks)
     """
     _check_strategy(trainer, "fit_checkpointing")
     datamodule = _check_datamodule(trainer, "fit_checkpointing")
@@ -591,19 +595,7 @@ def fit_checkpointing(
         )
     memory = memory if memory is not None else CudaMemory()
     memory.check(pl_module.device)
-    num_blocks = len(find_block_list(model, block_classes))
     prober = StepProber(trainer, pl_module, memory, steps=probe_steps)
-
-    def apply(every_n_layers: int | None) -> None:
-        disable_gradient_checkpointing(model)
-        if every_n_layers is not None:
-            enable_gradient_checkpointing(
-                model,
-                every_n_layers=every_n_layers,
-                mode=mode,
-                block_classes=block_classes,
-                prefer_native=prefer_native,
-            )
 
     def peak_at(every_n_layers: int | None) -> float | None:
         apply(every_n_layers)

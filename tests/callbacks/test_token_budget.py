@@ -20,7 +20,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_txopt import TokenBudgetFinder, TransformerModule
-from lightning_txopt.callbacks import StepProber, fit_checkpointing
+from lightning_txopt.callbacks import (
+    StepProber,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    fit_checkpointing,
+)
 from lightning_txopt.callbacks.token_budget import _check_strategy, _logging_discarded
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
 from lightning_txopt.memory import SavedTensorsMemory, checkpointing_candidates
@@ -388,7 +393,15 @@ class _AutoCheckpointing(Callback):
         self.memory, self.choice = memory, None
 
     def on_fit_start(self, trainer, pl_module):
-        self.choice = fit_checkpointing(trainer, pl_module, pl_module.model, memory=self.memory)
+        model = pl_module.model
+
+        def apply(n: int | None) -> None:
+            disable_gradient_checkpointing(model)
+            if n is not None:
+                enable_gradient_checkpointing(model, every_n_layers=n)
+
+        blocks = model.config.num_hidden_layers
+        self.choice = fit_checkpointing(trainer, pl_module, apply, blocks, memory=self.memory)
 
 
 def _deep(**kwargs: Any) -> TransformerModule:
@@ -401,7 +414,6 @@ def test_checkpointing_to_a_memory_target():
     m = _deep()
     memory = SavedTensorsMemory(10**12)
     dm = BudgetDataModule(SAMPLES, budget)
-    from lightning_txopt.callbacks import disable_gradient_checkpointing, enable_gradient_checkpointing
 
     def peak(n: int | None) -> int:
         disable_gradient_checkpointing(m.model)
