@@ -113,10 +113,14 @@ def search_token_budget(
 
     1. probe ``min_tokens`` (rounded up to ``multiple``); if it does not fit, stop (``max_tokens=None``);
     2. while no budget has failed: extrapolate the line (the two largest fitting probes, or the first probe and
-       ``baseline``, the memory at budget 0) to ``limit``, at most ``max_growth`` times the largest fitting budget;
-    3. once a budget failed: interpolate between the largest fitting budget and the smallest failing one (bisect
-       when the line gives nothing useful or the bracket shrank by less than half; geometrically while the bracket
-       spans more than a factor 4);
+       ``baseline``, the memory at budget 0) to ``limit`` (aiming under it by ``tolerance / 2`` of what the
+       budget adds to the first probe's peak), at most ``max_growth`` times the largest fitting budget (x4 without
+       a line: one probe and no ``baseline``);
+    3. once a budget failed: interpolate between the largest fitting budget and the smallest failing one (when the
+       failing one ran out of memory, so has no peak, extrapolate from below, or go 90% of the way if the line
+       points past it), the end that stayed put twice in a row weighing half as much each time (the Illinois
+       method, against one-sided convergence); bisect when the line gives nothing useful (geometrically while the
+       bracket spans more than a factor 4);
     4. stop when the smallest failing budget is within one step of the largest fitting one, the step being
        ``max(multiple, tolerance * budget)`` rounded up to ``multiple``.
 
@@ -142,9 +146,12 @@ def search_token_budget(
             non-numeric peak.
 
     Example:
-        >>> search = search_token_budget(lambda b: 1000 + 2 * b, limit=9000, min_tokens=64, multiple=64)
-        >>> search.max_tokens, len(search.probes), search.stopped  # 1000 + 2 * 3968 = 8936 <= 9000
-        (3968, 3, 'bracketed')
+        >>> memory = lambda b: 1000 + 2 * b  # weights 1000, 2 per token: 3968 tokens is the most that fits 9000
+        >>> search = search_token_budget(memory, limit=9000, min_tokens=64, multiple=64, baseline=1000)
+        >>> search.probes  # the line aims 1% under the limit; one step (2%) more does not fit
+        ((64, 1128.0), (3904, 8808.0), (4032, 9064.0))
+        >>> search.max_tokens, search.stopped
+        (3904, 'bracketed')
     """
     multiple = _positive_int("multiple", multiple)
     min_tokens = _positive_int("min_tokens", min_tokens)
@@ -186,16 +193,22 @@ def search_token_budget(
     def result(best: int | None, stopped: str) -> BudgetSearch:
         return BudgetSearch(best, float(limit), tuple((b, peaks[b]) for b in order), stopped)
 
+    aim = float(limit)  # lines aim a little under the limit (set after the first probe): landing just below it
+
     def line_at_limit(points: Sequence[tuple[float, float]]) -> float | None:
         (b1, p1), (b2, p2) = points
         if b2 == b1 or p2 <= p1:
             return None
-        return b1 + (limit - p1) * (b2 - b1) / (p2 - p1)
+        return b1 + (aim - p1) * (b2 - b1) / (p2 - p1)
 
     run(low)
     if not fits(low):
         return result(None, "min_tokens does not fit")
-    last_width: int | None = None  # width of the bracket before the last bracketed probe
+    first = peaks[low]
+    assert first is not None
+    aim = limit - tolerance / 2 * (limit - first)  # under the limit by a share of what the budget adds
+    bracket: tuple[int, int] | None = None  # the previous bracket, and how often each end stayed put
+    kept = {"lo": 0, "hi": 0}
     while True:
         failing = sorted(b for b in peaks if not fits(b))
         hi = failing[0] if failing else None
@@ -221,23 +234,31 @@ def search_token_budget(
                 target = line_at_limit([(0.0, float(baseline)), (lo, p_lo)])
             else:
                 target = None
-            candidate = lo * max_growth if target is None else min(target, lo * max_growth)
+            candidate = lo * min(4.0, max_growth) if target is None else min(target, lo * max_growth)  # x4 blind
             budget = max(int(candidate) // multiple * multiple, lo + step)
         else:
             p_hi = peaks[hi]
-            width = hi - lo
+            if bracket is not None:  # Illinois: an end that stays put twice counts for less, against one-sidedness
+                kept["lo"] = kept["lo"] + 1 if lo == bracket[0] else 0
+                kept["hi"] = kept["hi"] + 1 if hi == bracket[1] else 0
+            bracket = (lo, hi)
             target = None
             if p_hi is not None:
-                target = line_at_limit([(lo, p_lo), (hi, p_hi)])
+                e_lo = aim - (aim - p_lo) / 2 ** max(0, kept["lo"] - 1)
+                e_hi = aim + (p_hi - aim) / 2 ** max(0, kept["hi"] - 1)
+                target = line_at_limit([(lo, e_lo), (hi, e_hi)])
             elif below:
                 p_below = peaks[below[-1]]
                 assert p_below is not None
                 target = line_at_limit([(below[-1], p_below), (lo, p_lo)])
-            stalled = last_width is not None and width > last_width / 2
-            if target is None or stalled or not lo < target < hi:  # bisect (geometrically across a wide bracket)
+                if target is not None and target >= hi:  # the line overshot into an OOM: memory grows faster
+                    target = lo + 0.9 * (hi - lo)
+            if target is None or not lo < target < hi or max(kept.values()) >= 4:  # bisect (geometrically if wide)
                 target = math.sqrt(lo * hi) if hi > 4 * lo else (lo + hi) / 2
-            last_width = width
-            budget = max(int(min(target, hi - step)) // multiple * multiple, lo + step)  # lo < budget < hi
+            if hi - lo < 3 * step:  # one step up closes the bracket either way (or leaves one step to close)
+                budget = lo + step
+            else:
+                budget = max(int(min(target, hi - step)) // multiple * multiple, lo + step)  # lo < budget < hi
         if cap is not None:
             budget = min(budget, cap)
         run(budget)

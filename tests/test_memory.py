@@ -91,6 +91,26 @@ def test_out_of_memory_below_the_limit():
     assert any(p is None for _, p in search.probes) and search.stopped == "bracketed"
 
 
+def test_bert_base_with_every_block_checkpointed_on_an_h200():
+    """The peaks an H200 measured (bf16, BERT-base, every block checkpointed), linear in between, out of memory from
+    1.75M tokens: the first extrapolation overshoots into an OOM; the search recovers without a long bisection."""
+    measured = [(512, 1.828e9), (32768, 4.156e9), (245312, 21.99e9), (671232, 57.34e9), (1254080, 106.52e9)]
+    measured += [(1545536, 130.36e9), (1576448, 134.07e9), (1594496, 135.39e9), (1750000, 146.0e9)]
+    xs, ys = zip(*measured)
+
+    def f(b: int) -> float | None:
+        return None if b >= 1_750_000 else float(np.interp(b, xs, ys))
+
+    limit = 134.37e9  # 0.9 of the 139.3 GiB this process could use
+    search = search_token_budget(f, limit=limit, min_tokens=512, multiple=64, baseline=1.70e9)
+    best = largest_fitting(f, limit, 512, 64 * 64, 1_700_000)  # coarse scan, then the exact answer below
+    assert best is not None
+    best = largest_fitting(f, limit, best, 64, 1_700_000)
+    assert search.max_tokens is not None and best is not None
+    assert best * 0.98 - 64 <= search.max_tokens <= best
+    assert len(search.probes) <= 7
+
+
 def test_quadratic_memory():
     f = lambda b: 1e6 + 50.0 * b + 0.01 * b * b  # noqa: E731  attention's square
     search = search_token_budget(f, limit=5e7, min_tokens=64, multiple=64)

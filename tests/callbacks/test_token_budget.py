@@ -96,6 +96,24 @@ class RankMemory(SavedTensorsMemory):
         return out
 
 
+class OutOfMemoryAt(SavedTensorsMemory):
+    """Runs out of memory (simulated, in the middle of the forward pass) in the n-th probe, whatever its size."""
+
+    def __init__(self, capacity: int, probe: int) -> None:
+        super().__init__(capacity)
+        self.probe, self.blocks = probe, 0
+
+    def tracking(self, device: torch.device) -> Any:
+        self.blocks += 1
+        return super().tracking(device)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = super()._pack(tensor)
+        if self.blocks == self.probe and self._live > 10_000:
+            raise torch.OutOfMemoryError("simulated: this probe runs out of memory")
+        return out
+
+
 def module(**kwargs: Any) -> TransformerModule:
     torch.manual_seed(0)
     defaults: dict[str, Any] = dict(config=CONFIG, num_labels=3, learning_rate=1e-3, warmup=0)
@@ -198,7 +216,7 @@ def _fit(callbacks: list[Callback], dm: pl.LightningDataModule, steps: int = 6, 
 
 def test_finds_a_budget_and_leaves_no_trace():
     """The run with the finder equals a run without it at the budget it found: weights, optimizer, generators."""
-    f = finder(max_memory_fraction=0.99)  # the first extrapolation overshoots the capacity
+    f = finder(memory=OutOfMemoryAt(CAPACITY, probe=2))  # the second probe fails mid-forward
     dm = BudgetDataModule(SAMPLES)
     with_finder = _fit([f], dm)
     assert f.budget is not None and dm.max_tokens == f.budget and f.budget % 8 == 0
@@ -511,17 +529,43 @@ GPU_SAMPLES = make_samples(4000, seed=2, max_len=40)
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_budget_after_real_out_of_memory_errors():
+def test_cuda_budget_near_the_limit():
     f = TokenBudgetFinder()
     dm = BudgetDataModule(GPU_SAMPLES)
     trainer = cpu_trainer(accelerator="cuda", max_steps=5, callbacks=[f], plugins=[MixedPrecision("16-mixed", "cuda")])
     trainer.fit(_greedy(), datamodule=dm)
     assert f.search is not None and f.budget is not None and f.seconds is not None
-    assert any(p is None for _, p in f.search.probes)  # real CUDA out-of-memory errors, recovered from
     assert f.search.stopped == "bracketed" and f.seconds < 30
+    assert any(p is None or p > f.search.limit for _, p in f.search.probes)
     capacity = f.search.limit / 0.9
     assert f.budget * HOLD <= f.search.limit and (f.budget + 8) * HOLD > 0.85 * capacity  # near the limit
     assert trainer.global_step == 5  # trained at the found budget without running out of memory
+
+
+class _ProbeTwice(Callback):
+    """At fit start: a probe that runs out of memory for real (20,000 tokens x 16 MiB), then one that fits."""
+
+    def on_fit_start(self, trainer, pl_module):
+        from lightning_txopt.memory import CudaMemory
+
+        dm = trainer.datamodule
+        prober = StepProber(trainer, pl_module, CudaMemory())
+        before = params(pl_module)
+        with prober.preserving_state():
+            self.huge = prober.measure(lambda: dm.probe_batches(20_000))
+            self.small = prober.measure(lambda: dm.probe_batches(512))
+        after = params(pl_module)
+        self.same = all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_probe_recovers_from_a_real_out_of_memory_error():
+    probe = _ProbeTwice()
+    trainer = cpu_trainer(accelerator="cuda", max_steps=2, callbacks=[probe])
+    trainer.fit(_greedy(), datamodule=BudgetDataModule(GPU_SAMPLES, 512))
+    assert probe.huge is None and probe.small is not None and probe.small > 512 * HOLD
+    assert probe.same and trainer.global_step == 2
 
 
 @pytest.mark.gpu
