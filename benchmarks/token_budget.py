@@ -53,7 +53,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_txopt import BucketDataModule, GradientCheckpointing, TokenBudgetFinder, TransformerModule, load_fortunes
 from lightning_txopt.callbacks import disable_gradient_checkpointing, enable_gradient_checkpointing, fit_checkpointing
-from lightning_txopt.memory import DeviceMemory, GiB, SavedTensorsMemory, is_out_of_memory
+from lightning_txopt.memory import CudaMemory, DeviceMemory, GiB, SavedTensorsMemory, is_out_of_memory
 
 MODELS = ("bert-bucket", "bert-packed", "llama-350m")
 QUICK_CAPACITY = 3_000_000  # activation bytes of the pretend device in --quick
@@ -115,8 +115,11 @@ def min_tokens(name: str, quick: bool) -> int:
     return QUICK_LENGTH if quick else 512
 
 
+PEAK = "reserved"  # CudaMemory(peak=...): --peak
+
+
 def memory(quick: bool) -> DeviceMemory | None:
-    return SavedTensorsMemory(QUICK_CAPACITY) if quick else None
+    return SavedTensorsMemory(QUICK_CAPACITY) if quick else CudaMemory(peak=PEAK)  # type: ignore[arg-type]
 
 
 def trainer(quick: bool, **kwargs: Any) -> pl.Trainer:
@@ -419,6 +422,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny models, estimated memory")
     parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--fraction", type=float, default=0.9, help="TokenBudgetFinder(max_memory_fraction=...)")
+    parser.add_argument("--peak", choices=["reserved", "allocated"], default="reserved", help="CudaMemory(peak=...)")
     parser.add_argument("--reference-epochs", type=int, default=1, help="epochs of each full run of the bisection")
     parser.add_argument("--verify-epochs", type=int, default=3, help="epochs at the found budget (0: skip)")
     parser.add_argument("--max-runs", type=int, default=12, help="most full runs of the bisection")
@@ -437,13 +441,16 @@ def main() -> None:
         name, budget, epochs = args.child_run
         print("RESULT " + json.dumps(full_run(name, False, int(budget), int(epochs))), flush=True)
         return
+    global PEAK
+    PEAK = args.peak
     if not args.quick and not torch.cuda.is_available():
         parser.error("needs a CUDA device (it measures GPU memory); use --quick for a CPU smoke run")
     device = "CPU (quick: tiny models, SavedTensorsMemory estimate)" if args.quick else torch.cuda.get_device_name()
     capacity = "" if args.quick else f", {torch.cuda.get_device_properties(0).total_memory / GiB:.1f} GiB"
     result: dict[str, Any] = {
         "header": (
-            f"TokenBudgetFinder on {device}{capacity}; max_memory_fraction={args.fraction}; by hand: bisection by "
+            f"TokenBudgetFinder on {device}{capacity}; max_memory_fraction={args.fraction}, peak {args.peak}; by "
+            "hand: bisection by "
             f"full runs of {args.reference_epochs} epoch(s) to 1%; verify: {args.verify_epochs} epochs at the found "
             f"budget; {environment()}; PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}"
         ),

@@ -389,3 +389,9 @@ def test_a_real_cuda_out_of_memory_error_explained():
     text = str(info.value)
     assert "shape (8, 64)" in text and "max_tokens=512" in text and "GiB allocated" in text
     assert "Original error: CUDA out of memory" in text
+
+
+def test_cuda_memory_peak_kinds():
+    assert CudaMemory().peak_kind == "reserved" and CudaMemory(peak="allocated").peak_kind == "allocated"
+    with pytest.raises(ValueError, match="`peak` must be"):
+        CudaMemory(peak="max")  # type: ignore[arg-type]
