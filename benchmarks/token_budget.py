@@ -350,7 +350,8 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"  {name} finder: max_tokens={found['max_tokens']} in {found['seconds']:.1f} s", flush=True)
     row: dict[str, Any] = {"model": name, "finder": found}
     if args.verify_epochs:
-        row["verify"] = run_isolated(name, args.quick, found["max_tokens"], args.verify_epochs)
+        verify = row["verify"] = run_isolated(name, args.quick, found["max_tokens"], args.verify_epochs)
+        print(f"  {name} verify: {json.dumps(verify)}", flush=True)
     if not args.no_reference:
         row["by_hand"] = by_hand(name, args, found["max_tokens"], found["multiple"])
     if args.checkpointing and name == "bert-bucket":

@@ -66,8 +66,8 @@ class BudgetSearch:
         probes: ``(budget, peak)`` of every probe in probing order; the peak is ``None`` where the probe ran out of
             memory.
         stopped: Why the search stopped: ``"bracketed"`` (a budget one step larger did not fit), ``"max_tokens"``
-            (the upper bound fits), ``"saturated"`` (memory no longer grows with the budget: larger budgets do not
-            change the batches), ``"max_probes"`` or ``"min_tokens does not fit"``.
+            (the upper bound fits), ``"saturated"`` (memory did not grow over a doubling of the budget: larger budgets
+            do not change the batches), ``"max_probes"`` or ``"min_tokens does not fit"``.
     """
 
     max_tokens: int | None
@@ -227,9 +227,13 @@ def search_token_budget(
             if below:
                 p_below = peaks[below[-1]]
                 assert p_below is not None
-                if p_lo <= p_below:  # the batches stopped growing with the budget (a small dataset)
+                if p_lo <= p_below and lo >= 2 * below[-1]:  # flat over a doubling: the batches stopped growing
                     return result(lo, "saturated")
                 target = line_at_limit([(below[-1], p_below), (lo, p_lo)])
+                if target is None:  # flat between close budgets (one step of the plan): the widest span's line
+                    p_first = peaks[below[0]]
+                    assert p_first is not None
+                    target = line_at_limit([(below[0], p_first), (lo, p_lo)])
             elif baseline is not None:
                 target = line_at_limit([(0.0, float(baseline)), (lo, p_lo)])
             else:

@@ -145,6 +145,17 @@ def test_memory_that_stops_growing():
     assert search.stopped == "saturated" and search.max_tokens is not None and search.max_tokens >= 5000
 
 
+def test_memory_in_steps():
+    """The plan's worst batches change in steps (on an H200, 325,376 and 331,904 tokens both peaked at 124.09 GiB):
+    a flat pair of close probes is a step, not saturation."""
+    f = lambda b: 1e9 + 3e5 * (b // 8192 * 8192 + 8192)  # noqa: E731
+    limit = 1e11
+    search = search_token_budget(f, limit=limit, min_tokens=512, multiple=64, baseline=1e9)
+    best = largest_fitting(f, limit, 512, 64, 10**6)
+    assert search.stopped == "bracketed" and search.max_tokens is not None and best is not None
+    assert best * 0.98 - 64 <= search.max_tokens <= best
+
+
 def test_max_probes():
     f = lambda b: 1e6 + 10.0 * b  # noqa: E731
     search = search_token_budget(f, limit=1e9, min_tokens=64, multiple=64, max_probes=2)
