@@ -31,14 +31,14 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
     if args.tiny:
         config = BertConfig(
             hidden_size=64,
-            num_hidden_layers=4,
+            num_hidden_layers=8,  # 8, so that sharing 4 unique layers shares some
             num_attention_heads=4,
             intermediate_size=256,
             max_position_embeddings=512,
-            num_labels=40,
         )
     else:
-        config = BertConfig(num_labels=40, max_position_embeddings=max(512, args.seq_len))
+        config = BertConfig(max_position_embeddings=max(512, args.seq_len))
+    config.num_labels = 40
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
 

@@ -22,7 +22,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from _common import environment, markdown_table
-from gpu_compare import _CountingCollator, _Window, bert_config, corpus_samples
+from gpu_runner import CountingCollator, Window
+from workloads import bert_config, corpus_samples
 
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.data.planning import plan_epoch
@@ -32,18 +33,18 @@ from lightning_txopt.module import TransformerModule
 class _RankWindow(pl.Callback):
     """Counts this rank's timed steps (CPU-side, from the collator) and writes them to ``folder/rank{r}.json``."""
 
-    def __init__(self, folder: str, warmup: int, steps: int, counter: _CountingCollator) -> None:
+    def __init__(self, folder: str, warmup: int, steps: int, counter: CountingCollator) -> None:
         self.folder, self.warmup, self.steps, self.counter = folder, warmup, steps, counter
-        self.window: _Window | None = None
+        self.window: Window | None = None
         self.step = 0
         self.batches = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.window = _Window(self.warmup, self.steps)
+        self.window = Window(self.warmup, self.steps)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
         assert self.window is not None
-        self.window.batch(self.step, self.counter.pending.pop(0))
+        self.window.batch(self.step, *self.counter.pending.pop(0))
         self.step += 1
         self.batches += 1
 
@@ -73,10 +74,10 @@ class _NoCudnnAttention(pl.Callback):
 def run(samples: list[dict], args: argparse.Namespace, devices: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     dm = BucketDataModule(samples, pad_token_id=0, max_tokens=args.max_tokens, seed=0)
-    counter = _CountingCollator(dm.collator)
+    counter = CountingCollator(dm.collator)
     dm.collator = counter  # type: ignore[assignment]
     torch.manual_seed(0)
-    module = TransformerModule(config=bert_config(args), num_labels=40)
+    module = TransformerModule(config=bert_config(args.quick), num_labels=40)
     with tempfile.TemporaryDirectory() as folder:
         trainer = pl.Trainer(
             accelerator="cuda" if cuda else "cpu",

@@ -51,7 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(BertConfig(num_labels=40), attn_implementation="sdpa")
+    config = BertConfig()
+    config.num_labels = 40
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
     model = model.to(device).train()
     rng = np.random.default_rng(0)
     results = {}

@@ -105,6 +105,7 @@ def trainer_recipe(path: str, data: dict[str, list[dict]], num_labels: int, args
             clock["train"] += synced_time() - clock["epoch_start"]
 
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **k: Any) -> None:
+            assert metrics is not None  # the Trainer passes the metrics of the evaluation that just ran
             curve.append(
                 {"train_seconds": clock["train"], "epoch": float(state.epoch), "val_acc": metrics["eval_accuracy"]}
             )

@@ -30,12 +30,15 @@ from lightning_txopt.data import (
     plan_epoch,
 )
 from lightning_txopt.data.text import TextDataModule
+from lightning_txopt.models import VARLEN_ATTENTION, check_packing_support, use_varlen_attention
 from lightning_txopt.module import TransformerModule
 from lightning_txopt.precision import resolve_precision
+from lightning_txopt.predict import OrderedPredictionWriter, restore_order
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VARLEN_ATTENTION",
     "AccumulationScheduler",
     "BucketBatchSampler",
     "BucketDataModule",
@@ -46,12 +49,14 @@ __all__ = [
     "PackingCollator",
     "PaddingCollator",
     "PaddingRow",
+    "OrderedPredictionWriter",
     "ParameterSharing",
     "TextDataModule",
     "TokenBudgetFinder",
     "TokenThroughputMonitor",
     "TransformerModule",
     "__version__",
+    "check_packing_support",
     "compute_lengths",
     "enable_gradient_checkpointing",
     "estimated_optimizer_steps",
@@ -61,5 +66,7 @@ __all__ = [
     "padding_report",
     "plan_epoch",
     "resolve_precision",
+    "restore_order",
     "share_layers",
+    "use_varlen_attention",
 ]

@@ -13,8 +13,14 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_txopt.callbacks.accumulation import estimated_optimizer_steps
+from lightning_txopt.callbacks.accumulation import LOSS_REDUCTIONS, estimated_optimizer_steps
 from lightning_txopt.data.packing import is_packed
+from lightning_txopt.losses import (
+    DEFAULT_CHUNK_SIZE,
+    check_chunked_loss_support,
+    chunked_linear_cross_entropy,
+    lm_head_of,
+)
 from lightning_txopt.models.attention import (
     VARLEN_ATTENTION,
     attention_dropout,
@@ -28,13 +34,13 @@ from lightning_txopt.models.packing import (
     packed_classification_logits,
     packed_model_inputs,
 )
+from lightning_txopt.utils.checks import check_positive_int
 
 __all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
 
 Task = Literal["sequence-classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
 LossReduction = Literal["auto", "mean", "sum"]
-LOSS_REDUCTIONS: tuple[str, ...] = ("auto", "mean", "sum")
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -118,6 +124,12 @@ class TransformerModule(pl.LightningModule):
         attn_implementation: ``"auto"`` (the varlen backend: SDPA for padded batches, the varlen kernel or an exact
             fallback for packed ones) or a Hugging Face name passed through (``"sdpa"``, ``"eager"``,
             ``"flash_attention_2"``, ...).
+        loss_chunk_size: Causal LM: compute the output layer and the cross-entropy in chunks of this many tokens
+            (:func:`~lightning_txopt.losses.chunked_linear_cross_entropy`), so the ``(tokens, vocabulary)`` logits
+            never exist at once (4 GiB of bf16 logits for a 128k vocabulary at 16,384 tokens). Exact: loss and
+            gradients equal the unchunked ones. ``None`` computes full logits. Models whose logits are not exactly
+            ``lm_head(hidden states)`` (soft-capped or scaled logits, custom heads) are checked at the first batch
+            and get full logits, with an info message. Classification ignores it.
         compile: Run the model under ``torch.compile`` (compiled on first use). With static shapes
             (``BucketDataModule(strategy="packed", static_shapes=True)``) it compiles once; with bucketed batches,
             ``pad_to_lengths`` bounds the number of shapes, hence of recompilations.
@@ -149,6 +161,7 @@ class TransformerModule(pl.LightningModule):
         attn_implementation: str | None = "auto",
         head_lr_factor: float = 1.0,
         loss_reduction: LossReduction = "auto",
+        loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -160,6 +173,7 @@ class TransformerModule(pl.LightningModule):
             raise ValueError(f"`learning_rate` must be > 0 and `warmup` >= 0, got {learning_rate!r}, {warmup!r}.")
         if not head_lr_factor > 0:
             raise ValueError(f"`head_lr_factor` must be > 0, got {head_lr_factor!r}.")
+        check_positive_int("loss_chunk_size", loss_chunk_size, optional=True)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
         self.save_hyperparameters(ignore=["config"] if not isinstance(config, dict | None) else None)
@@ -175,6 +189,8 @@ class TransformerModule(pl.LightningModule):
         self.head_lr_factor = head_lr_factor
         self.loss_reduction: LossReduction = loss_reduction
         self.compile_model = compile
+        self.loss_chunk_size = loss_chunk_size
+        self._chunked: bool | None = None  # whether the chunked loss applies to this model (checked at first use)
         self._loss_in_progress_bar = True
         self._schedule = _WarmupDecay(self.warmup)
         self._packing: PackingSupport | None = None  # set by the first packed batch's check
@@ -186,6 +202,12 @@ class TransformerModule(pl.LightningModule):
                 setattr(self, f"{stage}_accuracy", MulticlassAccuracy(num_classes=num_classes, average="micro"))
             setattr(self, f"{stage}_loss_sum", SumMetric())
             setattr(self, f"{stage}_items", SumMetric())
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a new process (``ddp_spawn``, DataLoader workers): register the varlen backend there too."""
+        super().__setstate__(state)
+        if getattr(self.model.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+            register_varlen_attention()
 
     @staticmethod
     def _build(model: str | None, config: Any, task: Task, num_labels: int | None, attn: str | None) -> nn.Module:
@@ -272,10 +294,13 @@ class TransformerModule(pl.LightningModule):
         if self.task == "sequence-classification":
             assert support.pooling is not None
             base = self._run("base", self.model.base_model)
-            logits, _ = packed_classification_logits(self.model, batch, support.pooling, base=base)
+            logits, _ = packed_classification_logits(
+                self.model, batch, support.pooling, base=base, offset=support.position_offset
+            )
             return logits
         rows, width = batch["input_ids"].shape
-        out = self._run("model", self.model)(**packed_model_inputs(self.model, batch)).logits
+        inputs = packed_model_inputs(self.model, batch, offset=support.position_offset)
+        out = self._run("model", self.model)(**inputs).logits
         return out.reshape(rows, width, -1)
 
     def _lm_targets(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -301,10 +326,52 @@ class TransformerModule(pl.LightningModule):
         labels = self._lm_targets(batch) if self.task == "causal-lm" else batch["labels"]
         return (labels != -100).sum()
 
+    def _use_chunked_loss(self) -> bool:
+        if self._chunked is None:
+            self._chunked = False
+            if self.task == "causal-lm" and self.loss_chunk_size is not None:
+                try:
+                    check_chunked_loss_support(self.model)
+                    self._chunked = True
+                except ValueError as err:
+                    rank_zero_info(f"TransformerModule: full logits for the loss ({err})")
+        return self._chunked
+
+    def _chunked_lm_loss(
+        self, batch: dict[str, Any], reduction: Literal["mean", "sum"]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal-LM loss without the full logits: hidden states, then the output layer and loss chunk by chunk."""
+        if is_packed(batch):
+            support = self._check_packed()
+            inputs = packed_model_inputs(self.model, batch, offset=support.position_offset)
+        else:
+            inputs = {k: v for k, v in batch.items() if k in _MODEL_KEYS}
+        hidden = self._run("base", self.model.base_model)(**inputs).last_hidden_state
+        targets = self._lm_targets(batch)
+        targets = torch.cat([targets, torch.full_like(targets[..., :1], -100)], dim=-1)  # lines up with hidden
+        head = lm_head_of(self.model)
+        assert self.loss_chunk_size is not None
+        loss = chunked_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            targets.reshape(-1),
+            bias=head.bias,
+            chunk_size=self.loss_chunk_size,
+            reduction=reduction,
+        )
+        return loss, (targets != -100).sum()
+
     def loss_and_items(
         self, batch: dict[str, Any], reduction: Literal["mean", "sum"]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, item count, logits)`` of a batch; items as :meth:`count_loss_items` counts them."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(loss, item count, logits)`` of a batch; items as :meth:`count_loss_items` counts them.
+
+        ``logits`` is ``None`` for a causal LM under the chunked loss (they never exist whole); use
+        :meth:`forward_logits` for them.
+        """
+        if self.task == "causal-lm" and self._use_chunked_loss():
+            loss, items = self._chunked_lm_loss(batch, reduction)
+            return loss, items, None
         logits = self.forward_logits(batch)
         if self.task == "causal-lm":
             labels = self._lm_targets(batch).reshape(-1)
@@ -342,6 +409,7 @@ class TransformerModule(pl.LightningModule):
         getattr(self, f"{stage}_loss_sum").update(loss_sum.detach())
         getattr(self, f"{stage}_items").update(items)
         if self.task == "sequence-classification":
+            assert logits is not None
             keep = batch["labels"] != -100
             getattr(self, f"{stage}_accuracy").update(logits.argmax(-1)[keep], batch["labels"][keep])
 
@@ -354,7 +422,8 @@ class TransformerModule(pl.LightningModule):
             getattr(self, f"{stage}_accuracy").reset()
         else:
             metrics[f"{stage}_ppl"] = torch.exp(loss.clamp(max=30.0))
-        self.log_dict(metrics, prog_bar=stage == "val")
+        # already summed over every rank by the metrics: the mean over ranks of equal values changes nothing
+        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
         getattr(self, f"{stage}_loss_sum").reset()
         getattr(self, f"{stage}_items").reset()
 

@@ -224,3 +224,27 @@ def test_loss_goes_to_the_progress_bar_only_when_there_is_one():
         trainer.fit(TransformerModule(config=BERT, num_labels=3), datamodule=dm)
         assert "train_loss" in trainer.callback_metrics  # logged either way
         assert ("train_loss" in trainer.progress_bar_metrics) is bar  # the number (a device read) only with a bar
+
+
+@pytest.mark.slow
+def test_compiled_model_does_not_recompile_with_static_packed_shapes(monkeypatch):
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    # dynamo's guards decide recompiles whatever the backend; the eager backend keeps this test fast on CPU
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    samples = make_samples(200, seed=3)
+    dm = BucketDataModule(samples, pad_token_id=0, strategy="packed", max_tokens=128, max_length=64, static_shapes=True)
+    module = TransformerModule(config=BERT, num_labels=3, compile=True)
+    frames = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+            frames.append(int(counters["stats"]["unique_graphs"]))
+
+    cpu_trainer(max_steps=8, callbacks=[Count()], limit_val_batches=0).fit(module, datamodule=dm)
+    assert frames[0] >= 1 and len(set(frames)) == 1  # graphs made by the first step only: no recompilation

@@ -12,31 +12,77 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_txopt.utils.blocks import find_block_list
+from lightning_txopt.utils.blocks import find_block_lists, model_configs
 
-__all__ = ["FreezeEmbeddings", "FrozenEmbeddings", "find_input_embeddings", "freeze_embeddings", "unfreeze_embeddings"]
+__all__ = [
+    "FreezeEmbeddings",
+    "FrozenEmbeddings",
+    "find_input_embeddings",
+    "freeze_embeddings",
+    "unfreeze_embeddings",
+]
 
 _HOOKS_ATTR = "_txopt_frozen_embedding_hooks"
 
 
-def _module_names(model: nn.Module) -> dict[nn.Module, str]:
-    return {m: n for n, m in model.named_modules(remove_duplicate=False)}
+def _embedding_getter(module: nn.Module, name: str) -> nn.Module | None:
+    """``module.get_input_embeddings()`` / ``get_output_embeddings()`` if it exists and returns a module."""
+    getter = getattr(module, name, None)
+    if not callable(getter):
+        return None
+    try:
+        found = getter()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def _find_hf_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The model that has ``get_input_embeddings()``, as ``(qualified name, module)``.
+
+    ``model`` itself, or the one Hugging Face model inside it (a LightningModule wrapping a ``PreTrainedModel``);
+    ``None`` if there is none.
+
+    Raises:
+        ValueError: If ``model`` holds several separate models with input embeddings (a teacher and a student).
+    """
+    if _embedding_getter(model, "get_input_embeddings") is not None:
+        return "", model
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        outer = any(name.startswith(f"{prefix}.") for prefix, _ in found)
+        if name and not outer and _embedding_getter(module, "get_input_embeddings") is not None:
+            found.append((name, module))
+    if len(found) > 1:
+        raise ValueError(
+            f"{type(model).__name__} holds several models with input embeddings ({', '.join(n for n, _ in found)}): "
+            "which to freeze is ambiguous. Pass `names=[...]` with the qualified module names to freeze."
+        )
+    return found[0] if found else None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def find_input_embeddings(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Module]:
     """Find the modules that embed the input: token, position and token-type tables.
 
-    Detection, in order: ``names`` when given (qualified module names); else the module returned by Hugging Face's
-    ``get_input_embeddings()`` and the other ``nn.Embedding`` tables beside it (its parent's direct children, e.g.
-    BERT's ``position_embeddings``/``token_type_embeddings`` or GPT-2's ``wpe``); else every ``nn.Embedding`` outside
-    the model's repeated block list.
+    Detection, in order: ``names`` when given (qualified module names); else the Hugging Face model's
+    ``get_input_embeddings()`` (``model``'s own, or that of the one Hugging Face model inside ``model``, e.g. a
+    LightningModule's ``self.model``) and the other ``nn.Embedding`` tables beside it (its parent's direct children,
+    e.g. BERT's ``position_embeddings``/``token_type_embeddings`` or GPT-2's ``wpe``); else every ``nn.Embedding``
+    outside the model's repeated block lists. Every other ``nn.Embedding`` that holds the same weight tensor as one
+    of those is an input embedding too (T5's ``encoder.embed_tokens`` and ``decoder.embed_tokens`` are ``shared``);
+    the model's output embeddings (a tied LM head) are not. Tables inside the blocks (T5's relative attention bias)
+    are not input embeddings.
 
     Args:
         model: Any model.
@@ -46,7 +92,8 @@ def find_input_embeddings(model: nn.Module, names: Sequence[str] | None = None) 
         ``{qualified name: module}`` in model order.
 
     Raises:
-        ValueError: If a name in ``names`` does not exist or nothing is found.
+        ValueError: If ``names`` is empty, names a module that does not exist or holds no parameters of its own,
+            if ``model`` holds several Hugging Face models, or if nothing is found.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -57,34 +104,40 @@ def find_input_embeddings(model: nn.Module, names: Sequence[str] | None = None) 
     """
     modules = dict(model.named_modules())
     if names is not None:
+        if not names:
+            raise ValueError("`names` is empty: nothing would be frozen. Pass module names, or None for detection.")
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"No module named {missing[0]!r} in {type(model).__name__}; pass qualified module names.")
+        empty = [n for n in names if not any(True for _ in modules[n].parameters(recurse=False))]
+        if empty:
+            raise ValueError(
+                f"Module {empty[0]!r} of {type(model).__name__} holds no parameters of its own: nothing would be "
+                "frozen. Name the embedding tables themselves (e.g. 'bert.embeddings.word_embeddings')."
+            )
         return {n: modules[n] for n in names}
     found: dict[str, nn.Module] = {}
-    getter = getattr(model, "get_input_embeddings", None)
-    token: nn.Module | None = None
-    if callable(getter):
-        try:
-            token = getter()
-        except (NotImplementedError, AttributeError):
-            token = None
-    if isinstance(token, nn.Module):
-        by_module = _module_names(model)
-        token_name = by_module[token]
+    hf = _find_hf_model(model)
+    output: nn.Module | None = None
+    if hf is not None:
+        prefix, hf_model = hf
+        token = _embedding_getter(hf_model, "get_input_embeddings")
+        output = _embedding_getter(hf_model, "get_output_embeddings")
+        assert token is not None
+        token_name = next(_join(prefix, n) for n, m in hf_model.named_modules(remove_duplicate=False) if m is token)
         parent_name = token_name.rpartition(".")[0]
         parent = modules[parent_name] if parent_name else model
         found[token_name] = token
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Embedding) and child is not token:
-                found[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+                found[_join(parent_name, child_name)] = child
     else:
         try:
-            blocks_name = find_block_list(model).name
+            blocks = [b.name for b in find_block_lists(model)]
         except ValueError:
-            blocks_name = None
+            blocks = []
         for name, module in model.named_modules():
-            inside = blocks_name is not None and (name == blocks_name or name.startswith(blocks_name + "."))
+            inside = any(name == b or name.startswith(f"{b}.") for b in blocks)
             if isinstance(module, nn.Embedding) and not inside:
                 found[name] = module
     if not found:
@@ -92,7 +145,13 @@ def find_input_embeddings(model: nn.Module, names: Sequence[str] | None = None) 
             f"No input embeddings found in {type(model).__name__}: no get_input_embeddings() and no nn.Embedding "
             "outside the block list. Pass `names=[...]` with the qualified module names to freeze."
         )
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    weights = {id(p) for m in found.values() for p in m.parameters(recurse=False)}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name in found or module is output or not isinstance(module, nn.Embedding):
+            continue
+        if any(id(p) in weights for p in module.parameters(recurse=False)):
+            found[name] = module  # an alias of an input table (T5's embed_tokens): an input embedding itself
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
     return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], 0)))
 
 
@@ -104,8 +163,8 @@ class FrozenEmbeddings:
         modules: Qualified names of the frozen modules.
         parameters: Qualified names of the frozen parameters.
         num_parameters: Number of frozen scalars.
-        tied: ``{frozen parameter: other names of the same tensor}`` for weights shared with other modules (e.g. an
-            LM head tied to the token embedding); empty after ``untie=True``.
+        tied: ``{frozen parameter: other names of the same tensor}`` for weights shared with modules that are not
+            input embeddings (an LM head tied to the token embedding); empty after ``untie=True``.
     """
 
     modules: list[str]
@@ -125,10 +184,12 @@ def _tied_names(model: nn.Module, frozen: dict[str, nn.Module]) -> dict[str, lis
     for name, p in model.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(p), []).append(name)
     tied: dict[str, list[str]] = {}
+    reported: set[int] = set()
     for mod_name, module in frozen.items():
         for pname, p in module.named_parameters(recurse=False):
             others = [n for n in by_tensor.get(id(p), []) if not n.startswith(prefixes)]
-            if others:
+            if others and id(p) not in reported:  # once per tensor, under its first frozen name
+                reported.add(id(p))
                 tied[f"{mod_name}.{pname}"] = others
     return tied
 
@@ -141,9 +202,9 @@ def _untie(model: nn.Module, tied: dict[str, list[str]]) -> None:
             owner = modules[mod_name] if mod_name else model
             shared = getattr(owner, pname)
             setattr(owner, pname, nn.Parameter(shared.detach().clone(), requires_grad=True))
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "tie_word_embeddings"):
-        config.tie_word_embeddings = False  # so that a later tie_weights() does not tie them again
+    for config in model_configs(model):  # so that a later tie_weights() does not tie them again
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # type: ignore[attr-defined]
 
 
 def _require_grad_hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -169,11 +230,17 @@ def freeze_embeddings(
         names: Qualified module names to freeze instead of detection.
         include_layernorm: Also freeze the ``nn.LayerNorm`` beside the embeddings (BERT's ``embeddings.LayerNorm``).
             Off by default: it is tiny and adapts the frozen features.
-        untie: Give modules that share a frozen tensor (GPT-2's LM head) their own trainable copy. Without it the
-            shared tensor is frozen for them too, with a warning.
+        untie: Give the modules other than input embeddings that share a frozen tensor (GPT-2's and T5's LM head)
+            their own trainable copy. Without it the shared tensor is frozen for them too, with a warning. Input
+            embeddings that share the tensor (T5's ``encoder.embed_tokens``) are frozen with it either way. Nothing
+            to untie is not an error: the head is trainable, as asked.
 
     Returns:
         A :class:`FrozenEmbeddings` summary.
+
+    Raises:
+        ValueError: As :func:`find_input_embeddings`, and with ``include_layernorm=True`` on a model that has no
+            ``nn.LayerNorm`` beside its input embeddings (GPT-2, Llama, T5).
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -188,14 +255,22 @@ def freeze_embeddings(
     targets = find_input_embeddings(model, names)
     if include_layernorm:
         modules = dict(model.named_modules())
+        norms: dict[str, nn.Module] = {}
         for name in list(targets):
             parent_name = name.rpartition(".")[0]
             parent = modules[parent_name] if parent_name else model
-            if any(True for _ in parent.children() if isinstance(_, nn.ModuleList | nn.Sequential)):
+            if any(isinstance(c, nn.ModuleList | nn.Sequential | nn.ModuleDict) for c in parent.children()):
                 continue  # the parent holds the blocks too (GPT-2): its norms are not embedding norms
             for child_name, child in parent.named_children():
                 if isinstance(child, nn.LayerNorm):
-                    targets[f"{parent_name}.{child_name}" if parent_name else child_name] = child
+                    norms[_join(parent_name, child_name)] = child
+        if not norms:
+            raise ValueError(
+                f"include_layernorm=True, but {type(model).__name__} has no nn.LayerNorm beside its input embeddings "
+                f"({', '.join(targets)}): nothing more would be frozen. Drop include_layernorm, or name the norm "
+                "with the embeddings in names=[...]."
+            )
+        targets.update(norms)
     tied = _tied_names(model, targets)
     if tied and untie:
         _untie(model, tied)
@@ -219,7 +294,7 @@ def freeze_embeddings(
                 seen.add(id(p))
                 count += p.numel()
     hooks: list[RemovableHandle] = getattr(model, _HOOKS_ATTR, [])
-    for module in targets.values():
+    for module in {id(m): m for m in targets.values()}.values():
         if isinstance(module, nn.Embedding):
             hooks.append(module.register_forward_hook(_require_grad_hook))
     object.__setattr__(model, _HOOKS_ATTR, hooks)
@@ -255,26 +330,39 @@ def unfreeze_embeddings(model: nn.Module, frozen: FrozenEmbeddings | Sequence[st
 class FreezeEmbeddings(Callback):
     """Freeze the input embeddings before the optimizer is built; optionally unfreeze them at an epoch.
 
-    Applied in ``setup`` (before ``configure_optimizers`` and before DDP wraps the model). At ``on_fit_start`` the
-    frozen parameters are taken out of every optimizer's parameter groups, so they hold no optimizer state and no
-    weight decay touches them. With ``unfreeze_at_epoch=N`` they become trainable at the start of epoch ``N`` and
-    join each optimizer as a new parameter group whose learning rate is ``lr_factor`` times that of the group they
-    came from (other hyper-parameters copied from it); LR schedulers that keep per-group ``base_lrs`` (``LambdaLR``,
-    ``StepLR``, ``CosineAnnealingLR``, ...) are extended so the new group follows the same schedule. A resume from
-    any checkpoint, before or after ``N``, mid-epoch included, restores the frozen/unfrozen state and the groups.
+    Applied in ``setup`` (before ``configure_optimizers`` and before DDP wraps the model) to the LightningModule, in
+    which :func:`find_input_embeddings` finds the Hugging Face model. At ``on_fit_start`` the frozen parameters are
+    taken out of every optimizer's parameter groups, so they hold no optimizer state and no weight decay touches them.
+    With ``unfreeze_at_epoch=N`` they become trainable at the start of epoch ``N`` and join each optimizer they came
+    from as a new parameter group whose learning rate is ``lr_factor`` times that of the group they came from (other
+    hyper-parameters copied from it); LR schedulers that keep per-group ``base_lrs`` (``LambdaLR``, ``StepLR``,
+    ``CosineAnnealingLR``, ...) are extended so the new group follows the same schedule. A resume from any checkpoint,
+    before or after ``N``, mid-epoch included, restores the frozen/unfrozen state and the groups.
 
     Under DDP, parameters that were frozen when DDP wrapped the model are unknown to its reducer; after unfreezing,
-    this callback all-reduces (averages) their gradients itself after the last backward of each optimizer step.
+    this callback averages their gradients over the ranks itself in ``on_before_optimizer_step`` (after the last
+    backward of each step, through ``trainer.strategy.reduce``), as DDP averages the others. With fp16 AMP that hook
+    runs after the GradScaler has checked the gradients, so ranks could disagree on skipping a step:
+    ``unfreeze_at_epoch`` with ``precision="16-mixed"`` on several processes is refused (bf16 has no scaler).
 
     Args:
-        unfreeze_at_epoch: Epoch at whose start the embeddings become trainable; ``None`` keeps them frozen.
-        lr_factor: Learning-rate factor of the unfrozen group relative to the group the parameters came from.
+        unfreeze_at_epoch: Epoch (>= 1) at whose start the embeddings become trainable; ``None`` keeps them frozen.
+        lr_factor: Learning-rate factor of the unfrozen group relative to the group the parameters came from; only
+            with ``unfreeze_at_epoch``.
         names: Qualified module names to freeze instead of detection.
         include_layernorm: Also freeze the embeddings' LayerNorm.
         untie: Untie weights shared with the embeddings (GPT-2's LM head) instead of freezing them there too.
 
     Raises:
-        ValueError: If ``unfreeze_at_epoch < 0`` or ``lr_factor <= 0``.
+        ValueError: If ``unfreeze_at_epoch < 1``, ``lr_factor <= 0``, or ``lr_factor`` is set without
+            ``unfreeze_at_epoch`` (it would do nothing). In ``setup``, with ``unfreeze_at_epoch`` on several
+            processes: a strategy other than DDP, or a GradScaler (fp16 AMP). (``unfreeze_at_epoch >= max_epochs``
+            warns: only a resumed run with more epochs would unfreeze.) At the unfreeze epoch: if the frozen
+            parameters were in no optimizer and there are several (which one should train them is ambiguous).
+
+    Example:
+        >>> FreezeEmbeddings(unfreeze_at_epoch=2, lr_factor=0.1).lr_factor
+        0.1
     """
 
     def __init__(
@@ -286,10 +374,23 @@ class FreezeEmbeddings(Callback):
         include_layernorm: bool = False,
         untie: bool = False,
     ) -> None:
-        if unfreeze_at_epoch is not None and (not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0):
-            raise ValueError(f"`unfreeze_at_epoch` must be a non-negative integer or None, got {unfreeze_at_epoch!r}.")
+        if unfreeze_at_epoch is not None and (
+            isinstance(unfreeze_at_epoch, bool) or not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0
+        ):
+            raise ValueError(f"`unfreeze_at_epoch` must be a positive integer or None, got {unfreeze_at_epoch!r}.")
+        if unfreeze_at_epoch == 0:
+            raise ValueError(
+                "unfreeze_at_epoch=0 unfreezes before the first step: the embeddings would never be frozen. Use "
+                "unfreeze_at_epoch >= 1, or drop FreezeEmbeddings (for a smaller embedding learning rate from the "
+                "start, give the embeddings their own parameter group in configure_optimizers)."
+            )
         if not lr_factor > 0:
             raise ValueError(f"`lr_factor` must be > 0, got {lr_factor!r}.")
+        if lr_factor != 1.0 and unfreeze_at_epoch is None:
+            raise ValueError(
+                f"lr_factor={lr_factor!r} applies to the embeddings once they are unfrozen, and without "
+                "unfreeze_at_epoch they never are: it would do nothing. Set unfreeze_at_epoch, or drop lr_factor."
+            )
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.lr_factor = float(lr_factor)
         self.names = names
@@ -304,6 +405,8 @@ class FreezeEmbeddings(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.frozen is not None:
             return
+        if self.unfreeze_at_epoch is not None:
+            _check_unfreeze_supported(trainer, self.unfreeze_at_epoch)
         self.frozen = freeze_embeddings(
             pl_module, names=self.names, include_layernorm=self.include_layernorm, untie=self.untie
         )
@@ -357,8 +460,18 @@ class FreezeEmbeddings(Callback):
         params = self._frozen_params(pl_module)
         for p in params:
             p.requires_grad_(True)
-        for opt_idx, optimizer in enumerate(trainer.optimizers):
-            source = optimizer.param_groups[self._source_group.get(opt_idx, 0)]
+        sources = dict(self._source_group)
+        if not sources and trainer.optimizers:  # the optimizer was built from the trainable parameters only
+            if len(trainer.optimizers) > 1:
+                raise ValueError(
+                    f"FreezeEmbeddings: the frozen embeddings were in none of the {len(trainer.optimizers)} "
+                    "optimizers, so which one should train them after unfreeze_at_epoch is ambiguous. Put them in "
+                    "one optimizer's parameters (they are taken out while frozen), or drop unfreeze_at_epoch."
+                )
+            sources = {0: 0}
+        for opt_idx, group_idx in sources.items():
+            optimizer = trainer.optimizers[opt_idx]
+            source = optimizer.param_groups[group_idx]
             group = {k: v for k, v in source.items() if k != "params"}
             group["lr"] = source["lr"] * self.lr_factor
             if "initial_lr" in source:
@@ -372,33 +485,24 @@ class FreezeEmbeddings(Callback):
                 scheduler.base_lrs.append(group.get("initial_lr", group["lr"]))
                 lambdas = getattr(scheduler, "lr_lambdas", None)
                 if isinstance(lambdas, list) and lambdas:
-                    lambdas.append(lambdas[self._source_group.get(opt_idx, 0)])
+                    lambdas.append(lambdas[group_idx])
                 last = getattr(scheduler, "_last_lr", None)
                 if isinstance(last, list):
                     last.append(group["lr"])
         self._sync_params = params if trainer.world_size > 1 else []
 
     @override
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # DDP does not reduce parameters that were frozen when it wrapped the model: average their gradients here,
-        # once per optimizer step, before AMP's GradScaler unscales and checks them (so all ranks agree on a skip).
-        if not self._sync_params or not (dist.is_available() and dist.is_initialized()):
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # DDP's reducer does not know the parameters that were frozen when it wrapped the model: average their
+        # gradients here, after the last backward before this step (every rank calls this hook at the same step).
+        if not self._sync_params:
             return
-        should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
-        if callable(should_accumulate) and should_accumulate():
-            return
-        grads = [p.grad for p in self._sync_params if p.grad is not None]
-        if len(grads) != len(self._sync_params):
-            raise RuntimeError(
-                "FreezeEmbeddings: some unfrozen embeddings got no gradient on this rank; all ranks must use them."
-            )
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in self._sync_params if id(p) in in_optimizer]
+        if params:
+            _average_gradients(params, trainer.strategy)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -408,3 +512,74 @@ class FreezeEmbeddings(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.unfrozen = bool(state_dict.get("unfrozen", False))
         self._source_group = {int(k): int(v) for k, v in state_dict.get("source_group", {}).items()}
+
+
+def _check_unfreeze_supported(trainer: pl.Trainer, epoch: int) -> None:
+    """Refuse, at setup, an ``unfreeze_at_epoch`` that could not be exact; warn if it cannot happen in this run."""
+    max_epochs = trainer.max_epochs
+    if isinstance(max_epochs, int) and 0 <= max_epochs <= epoch:
+        # a warning, not an error: a later fit resumed from this run's checkpoint with more epochs does unfreeze
+        rank_zero_warn(
+            f"FreezeEmbeddings(unfreeze_at_epoch={epoch}) with Trainer(max_epochs={max_epochs}): training ends "
+            f"before epoch {epoch}, so the embeddings stay frozen in this run (a run resumed from its checkpoint "
+            "with more epochs unfreezes them). Lower unfreeze_at_epoch below max_epochs if you meant this run."
+        )
+    if trainer.world_size <= 1:
+        return
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or strategy.handles_gradient_accumulation:
+        raise ValueError(
+            f"FreezeEmbeddings(unfreeze_at_epoch={epoch}) on {trainer.world_size} processes supports DDP strategies "
+            f"only, got {type(strategy).__name__}: parameters unfrozen after the model was wrapped are averaged by "
+            "this callback, which only knows DDP. Use strategy='ddp', or keep the embeddings frozen "
+            "(unfreeze_at_epoch=None)."
+        )
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        raise ValueError(
+            f"FreezeEmbeddings(unfreeze_at_epoch={epoch}) with fp16 AMP (precision={trainer.precision!r}) on "
+            f"{trainer.world_size} processes: the unfrozen embeddings' gradients are averaged after the GradScaler "
+            "has checked each rank's own gradients for inf/NaN, so ranks could disagree on skipping a step. Use "
+            "precision='bf16-mixed' or '32-true', or keep the embeddings frozen (unfreeze_at_epoch=None)."
+        )
+
+
+def _average_gradients(params: Sequence[nn.Parameter], strategy: Strategy) -> None:
+    """Average the gradients of ``params`` over the processes of ``strategy``, as DDP does for its parameters.
+
+    Every process must call it at the same point. A parameter whose gradient is ``None`` on a process counts as a
+    zero gradient there; one whose gradient is ``None`` on every process keeps ``None`` (the optimizer skips it).
+
+    Args:
+        params: Parameters that DDP does not reduce.
+        strategy: The Trainer's strategy (``trainer.strategy``); its public ``reduce`` does the all-reduce.
+
+    Example:
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> p = nn.Parameter(torch.ones(2))
+        >>> p.grad = torch.full((2,), 3.0)
+        >>> _average_gradients([p], SingleDeviceStrategy(device=torch.device("cpu")))  # one process: unchanged
+        >>> p.grad
+        tensor([3., 3.])
+    """
+    world = strategy.world_size if isinstance(strategy, ParallelStrategy) else 1
+    if world <= 1:
+        return
+    device = params[0].device
+    dtype = next((p.grad.dtype for p in params if p.grad is not None), params[0].dtype)
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p, dtype=dtype)).reshape(-1).to(dtype) for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
+    flat = strategy.reduce(torch.cat([*parts, present]), reduce_op="sum")
+    # Whether a gradient exists anywhere is only read (a host-device sync) on a process that lacks one: on the
+    # others every count is >= 1 already.
+    local_all = all(p.grad is not None for p in params)
+    has_grad = [True] * len(params) if local_all else [c > 0 for c in flat[-len(params) :].tolist()]
+    offset = 0
+    for p, keep in zip(params, has_grad):
+        n = p.numel()
+        if keep:
+            grad = flat[offset : offset + n].view_as(p).div_(world).to(p.dtype)
+            if p.grad is None:
+                p.grad = grad.clone()
+            else:
+                p.grad.copy_(grad)
+        offset += n

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_txopt.utils.blocks import find_block_list
+from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
 
 __all__ = [
     "CheckpointingPlan",
@@ -69,6 +69,9 @@ def _selective_context_fn() -> Callable[[], Any]:
     return functools.partial(tc.create_selective_checkpoint_contexts, _save_matmuls_policy())
 
 
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache", "cache_params")
+
+
 class _CheckpointedForward:
     """Replaces a block's ``forward``: runs the class's forward under non-reentrant ``torch.utils.checkpoint``.
 
@@ -84,6 +87,14 @@ class _CheckpointedForward:
         forward = type(self.module).forward
         if not (self.module.training and torch.is_grad_enabled()):
             return forward(self.module, *args, **kwargs)
+        cache = [k for k in _CACHE_KWARGS if kwargs.get(k) is not None]
+        if kwargs.get("use_cache") or cache:
+            raise RuntimeError(
+                f"A checkpointed {type(self.module).__name__} was called with a KV cache "
+                f"({', '.join(cache) or 'use_cache=True'}): its recomputation in the backward pass would write the "
+                "cache a second time. Call the model with use_cache=False in training (enable_gradient_checkpointing "
+                "already sets config.use_cache=False on every config of the model)."
+            )
         extra: dict[str, Any] = {"use_reentrant": False}
         if self.mode == "selective":
             extra["context_fn"] = _selective_context_fn()
@@ -94,12 +105,18 @@ class _CheckpointedForward:
 class CheckpointingPlan:
     """What :func:`enable_gradient_checkpointing` did.
 
+    Blocks are counted over all block lists of the model in model order: for T5 (2 encoder and 2 decoder blocks),
+    indices 0-1 are the encoder's blocks and 2-3 the decoder's.
+
     Attributes:
         mechanism: ``"huggingface"`` (the model's own ``gradient_checkpointing_enable``) or ``"wrap"`` (our wrapper).
-        block_list: Qualified name of the block list (``None`` with the Hugging Face mechanism).
-        checkpointed: Indices of the checkpointed blocks.
-        num_blocks: Number of blocks.
+        block_list: Qualified name of the (first) block list (``None`` with the Hugging Face mechanism).
+        checkpointed: Indices of the checkpointed blocks, counted over all block lists.
+        num_blocks: Number of blocks in all block lists.
         mode: ``"full"`` or ``"selective"``.
+        block_lists: Qualified names of every block list, in model order (each stack of an encoder-decoder; empty
+            when the Hugging Face mechanism is used on a model whose blocks are not detectable).
+        blocks_per_list: Number of blocks of each of ``block_lists``.
     """
 
     mechanism: str
@@ -107,6 +124,20 @@ class CheckpointingPlan:
     checkpointed: tuple[int, ...]
     num_blocks: int
     mode: str
+    block_lists: tuple[str, ...] = ()
+    blocks_per_list: tuple[int, ...] = ()
+
+    def checkpointed_in(self, block_list: str) -> tuple[int, ...]:
+        """Indices, inside ``block_list``, of its checkpointed blocks.
+
+        Raises:
+            ValueError: If ``block_list`` is not one of :attr:`block_lists`.
+        """
+        if block_list not in self.block_lists:
+            raise ValueError(f"{block_list!r} is not a checkpointed block list; they are {list(self.block_lists)}.")
+        start = sum(self.blocks_per_list[: self.block_lists.index(block_list)])
+        size = self.blocks_per_list[self.block_lists.index(block_list)]
+        return tuple(i - start for i in self.checkpointed if start <= i < start + size)
 
 
 def hf_checkpointing_enable(model: nn.Module, use_reentrant: bool = False) -> None:
@@ -131,12 +162,6 @@ def _hf_checkpointing_disable(model: nn.Module) -> None:
             return
 
 
-def _disable_cache(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "use_cache", False):
-        config.use_cache = False
-
-
 def enable_gradient_checkpointing(
     model: nn.Module,
     *,
@@ -148,14 +173,15 @@ def enable_gradient_checkpointing(
     """Checkpoint the activations of ``model``'s transformer blocks.
 
     Hugging Face models that support it, with ``every_n_layers=1``, ``mode="full"`` and no ``block_classes``, use
-    their own mechanism with non-reentrant checkpointing (``use_cache`` is turned off: a KV cache is useless in
-    training and incompatible with recomputation). Any other model, or any other setting: the repeated block list is
-    found (see :func:`~lightning_txopt.utils.blocks.find_block_list`) and every ``every_n_layers``-th block (0, n,
-    2n, ...) runs under non-reentrant ``torch.utils.checkpoint``; parameter names do not change.
+    their own mechanism with non-reentrant checkpointing. Any other model, or any other setting: every repeated block
+    list is found (see :func:`~lightning_txopt.utils.blocks.find_block_lists`: both stacks of an encoder-decoder) and
+    every ``every_n_layers``-th block of each (0, n, 2n, ...) runs under non-reentrant ``torch.utils.checkpoint``;
+    parameter names do not change. Either way ``use_cache`` is turned off on every configuration of the model (T5's
+    stacks have their own copies): a KV cache is useless in training and a recomputed block would write it twice.
 
     Args:
         model: The model.
-        every_n_layers: Checkpoint one block in ``n`` (trade memory for speed).
+        every_n_layers: Checkpoint one block in ``n`` of each block list (trade memory for speed).
         mode: ``"full"`` recomputes everything in a block; ``"selective"`` keeps matmul and attention outputs and
             recomputes the cheap pointwise ops (PyTorch's selective activation checkpointing).
         block_classes: Class names of the blocks, overriding detection.
@@ -173,6 +199,11 @@ def enable_gradient_checkpointing(
         >>> model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
         >>> enable_gradient_checkpointing(model, every_n_layers=2).checkpointed
         (0, 2)
+        >>> model = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+        ...                        dim_feedforward=16, batch_first=True)
+        >>> plan = enable_gradient_checkpointing(model, every_n_layers=2)
+        >>> plan.block_lists, plan.checkpointed, plan.checkpointed_in("decoder.layers")
+        (('encoder.layers', 'decoder.layers'), (0, 2), (0,))
     """
     if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
         raise ValueError(f"`every_n_layers` must be a positive integer, got {every_n_layers!r}.")
@@ -196,20 +227,42 @@ def enable_gradient_checkpointing(
     )
     if native:
         hf_checkpointing_enable(model)
-        _disable_cache(model)
+        disable_kv_cache(model)
+        return _native_plan(model, mode)
+    lists = find_block_lists(model, block_classes)
+    checkpointed: list[int] = []
+    done: set[int] = set()
+    start = 0
+    for found in lists:
+        for i in range(0, len(found), every_n_layers):
+            checkpointed.append(start + i)
+            block = found[i]
+            if id(block) in done:
+                continue  # a block shared by several positions is wrapped once
+            done.add(id(block))
+            block.forward = _CheckpointedForward(block, mode)  # type: ignore[method-assign]
+        start += len(found)
+    disable_kv_cache(model)
+    return CheckpointingPlan("wrap", lists[0].name, tuple(checkpointed), start, mode, *_names_and_sizes(lists))
+
+
+def _names_and_sizes(lists: list[BlockList]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    return tuple(b.name for b in lists), tuple(len(b) for b in lists)
+
+
+def _native_plan(model: nn.Module, mode: Mode) -> CheckpointingPlan:
+    """Report what the Hugging Face mechanism checkpoints: the blocks whose ``gradient_checkpointing`` flag is set."""
+    try:
+        lists = find_block_lists(model)
+    except ValueError:
         num = getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0
         return CheckpointingPlan("huggingface", None, tuple(range(num)), num, mode)
-    found = find_block_list(model, block_classes)
-    chosen = tuple(range(0, len(found), every_n_layers))
-    done: set[int] = set()
-    for i in chosen:
-        block = found.container[i]
-        if id(block) in done:
-            continue  # a block shared by several positions is wrapped once
-        done.add(id(block))
-        block.forward = _CheckpointedForward(block, mode)  # type: ignore[method-assign]
-    _disable_cache(model)
-    return CheckpointingPlan("wrap", found.name, chosen, len(found), mode)
+    blocks = [block for found in lists for block in found.blocks]
+    if any(hasattr(block, "gradient_checkpointing") for block in blocks):
+        chosen = tuple(i for i, block in enumerate(blocks) if getattr(block, "gradient_checkpointing", False))
+    else:  # older transformers keep the flag on the stack, which then checkpoints each of its blocks
+        chosen = tuple(range(len(blocks)))
+    return CheckpointingPlan("huggingface", None, chosen, len(blocks), mode, *_names_and_sizes(lists))
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:
@@ -271,7 +324,7 @@ class GradientCheckpointing(Callback):
             block_classes=self.block_classes,
             prefer_native=self.prefer_native,
         )
-        where = self.plan.block_list or type(target).__name__
+        where = ", ".join(self.plan.block_lists) or type(target).__name__
         rank_zero_info(
             f"GradientCheckpointing: {len(self.plan.checkpointed)}/{self.plan.num_blocks} blocks of {where} "
             f"checkpointed ({self.plan.mode}, {self.plan.mechanism} mechanism)."

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_txopt.utils.blocks import find_block_list
+from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
 
 __all__ = ["ParameterSharing", "SharingResult", "layer_mapping", "share_layers"]
 
@@ -73,20 +73,72 @@ class SharingResult:
     """What :func:`share_layers` did.
 
     Attributes:
-        block_list: Qualified name of the block list.
-        mapping: Unique block used at each position.
+        block_list: Qualified name of the (first) block list.
+        mapping: Unique block used at each position of ``block_list``.
         params_before: Unique parameters of the model before sharing.
         params_after: Unique parameters after sharing.
+        block_lists: Every block list shared, in model order (each stack of an encoder-decoder).
+        mappings: The mapping of each of ``block_lists``.
     """
 
     block_list: str
     mapping: tuple[int, ...]
     params_before: int
     params_after: int
+    block_lists: tuple[str, ...] = ()
+    mappings: tuple[tuple[int, ...], ...] = ()
 
 
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# A layer index only selects the layer's KV-cache slot, and the cache is turned off; it matters when a module also has
+# a switch like GPT-2's `scale_attn_by_inverse_layer_idx`, which is checked in `_settings`.
+_LAYER_INDEX = ("layer_idx", "layer_id", "layer_index")
+# T5's first block of each stack computes the relative position bias and hands it to the later blocks, which then
+# ignore their own setting: the first block may serve later positions although it alone holds the bias table.
+_FIRST_BLOCK_ONLY = ("relative_attention_bias", "has_relative_attention_bias")
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, tuple | list):
+        return all(isinstance(v, _PLAIN) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """The plain-valued public attributes of ``module`` that change what it computes (layer indices left out)."""
+    attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _plain(v)}
+    index_matters = any(v is True and "layer_idx" in k for k, v in attrs.items() if k not in _LAYER_INDEX)
+    return {k: v for k, v in attrs.items() if index_matters or k not in _LAYER_INDEX}
+
+
+def _signature(block: nn.Module) -> dict[str, Any]:
+    sig: dict[str, Any] = {}
+    for path, module in block.named_modules():
+        sig[f"{path or '.'} (module)"] = type(module).__qualname__
+        for k, v in _settings(module).items():
+            sig[f"{path}.{k}" if path else k] = v
+    for path, p in block.named_parameters():
+        sig[f"{path} (parameter)"] = tuple(p.shape)
+    for path, buf in block.named_buffers():
+        sig[f"{path} (buffer)"] = tuple(buf.shape)
+    return sig
+
+
+def _differences(rep: nn.Module, block: nn.Module, rep_is_first: bool) -> list[str]:
+    """How ``block`` differs from ``rep`` beyond its weights (empty if ``rep`` can take its place)."""
+    a, b = _signature(rep), _signature(block)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "(absent)") == b.get(key, "(absent)"):
+            continue
+        if rep_is_first and any(part in _FIRST_BLOCK_ONLY for part in key.split(" ")[0].split(".")):
+            continue
+        out.append(f"{key}: {b.get(key, '(absent)')!r} here, {a.get(key, '(absent)')!r} in the shared block")
+    return out
 
 
 def share_layers(
@@ -99,18 +151,22 @@ def share_layers(
 ) -> SharingResult:
     """Share parameters across the repeated blocks of ``model`` (in place).
 
-    Position ``i`` of the block list is replaced by the block that represents its group (the same module object), so
-    shared parameters appear once in ``model.parameters()`` and in the optimizer, and a checkpoint stores their
-    storage once. ``init="first"`` keeps the first pretrained block of each group; ``init="average"`` sets it to the
-    mean of the group's blocks (buffers are taken from the first). Pretrained weights are never replaced by random
-    ones. Calling it again with the same mapping is a no-op.
+    Each block list of the model (both stacks of an encoder-decoder, each with its own ``num_unique_layers`` blocks)
+    is shared: position ``i`` is replaced by the block that represents its group (the same module object, the
+    group's first position), so shared parameters appear once in ``model.parameters()`` and in the optimizer, and a
+    checkpoint stores their storage once. ``init="first"`` keeps the first pretrained block of each group;
+    ``init="average"`` sets it to the mean of the group's blocks (each parameter over the blocks that have it;
+    buffers are taken from the first). Pretrained weights are never replaced by random ones. Calling it again with the
+    same mapping is a no-op.
 
-    Caution: a Hugging Face decoder's KV cache is indexed by layer; shared blocks make one cache slot serve several
-    positions, so ``use_cache`` is turned off (training does not use it).
+    A position may only use a block that differs from its own by the weights alone: blocks whose settings differ
+    (ModernBERT's global and local attention layers, Qwen2's full and sliding-window layers) are refused where the
+    mapping would mix them. A layer's index (its KV-cache slot) does not count; ``use_cache`` is turned off on every
+    configuration of the model, since shared blocks would share a cache slot.
 
     Args:
         model: The model.
-        num_unique_layers: Number of distinct blocks after sharing.
+        num_unique_layers: Number of distinct blocks of each block list after sharing.
         strategy: ``"all"``, ``"sequence"``, ``"cycle"`` or ``"cycle_rev"``.
         init: ``"first"`` or ``"average"``.
         block_classes: Class names of the blocks, overriding detection.
@@ -119,7 +175,9 @@ def share_layers(
         A :class:`SharingResult` with the parameter counts.
 
     Raises:
-        ValueError: On invalid arguments, a model without a block list, or blocks already shared differently.
+        ValueError: On invalid arguments, a model without a block list, ``num_unique_layers`` equal to the number of
+            blocks (nothing would be shared), blocks already shared differently, or a position whose block differs
+            from the one it would share beyond the weights.
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
@@ -132,34 +190,82 @@ def share_layers(
     """
     if init not in _INITS:
         raise ValueError(f"`init` must be one of {_INITS}, got {init!r}.")
-    found = find_block_list(model, block_classes)
-    blocks = found.blocks
-    mapping = layer_mapping(len(blocks), num_unique_layers, strategy)
+    lists = find_block_lists(model, block_classes)
     before = _count(model)
-    # current sharing, if any: position -> index of the first position holding the same module
-    first_pos: dict[int, int] = {}
-    current = [first_pos.setdefault(id(b), i) for i, b in enumerate(blocks)]
-    representatives = [mapping.index(u) for u in range(num_unique_layers)]
-    wanted = [representatives[u] for u in mapping]
-    if current == wanted:
-        return SharingResult(found.name, tuple(mapping), before, before)
-    if len(set(current)) != len(blocks):
-        raise ValueError(f"The blocks of {found.name} are already shared with another mapping; build a fresh model.")
-    if init == "average":
-        with torch.no_grad():
-            for u in range(num_unique_layers):
-                members = [blocks[i] for i, g in enumerate(mapping) if g == u]
-                if len(members) == 1:
-                    continue
-                named = [dict(m.named_parameters()) for m in members]
-                for name, p in named[0].items():
-                    p.copy_(torch.stack([nm[name].detach().float() for nm in named]).mean(0).to(p.dtype))
-    for i, u in enumerate(mapping):
-        found.container[i] = blocks[representatives[u]]
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "use_cache", False):
-        config.use_cache = False
-    return SharingResult(found.name, tuple(mapping), before, _count(model))
+    plans: list[tuple[BlockList, list[int], list[int]]] = []  # (block list, mapping, wanted representatives)
+    already = 0
+    for found in lists:
+        blocks = found.blocks
+        mapping = layer_mapping(len(blocks), num_unique_layers, strategy)
+        # current sharing, if any: position -> index of the first position holding the same module
+        first_pos: dict[int, int] = {}
+        current = [first_pos.setdefault(id(b), i) for i, b in enumerate(blocks)]
+        representatives = [mapping.index(u) for u in range(num_unique_layers)]
+        wanted = [representatives[u] for u in mapping]
+        if current == wanted:
+            already += 1
+        elif len(set(current)) != len(blocks):
+            raise ValueError(
+                f"The blocks of {found.name} are already shared with another mapping; build a fresh model."
+            )
+        plans.append((found, mapping, wanted))
+    result_lists = tuple(found.name for found in lists)
+    result_maps = tuple(tuple(mapping) for _, mapping, _ in plans)
+    if all(len(set(wanted)) == len(wanted) for _, _, wanted in plans):
+        sizes = ", ".join(f"{found.name}: {len(found)}" for found in lists)
+        raise ValueError(
+            f"num_unique_layers={num_unique_layers} is the number of blocks ({sizes}): nothing would be shared. "
+            "Pass a smaller num_unique_layers, or do not share."
+        )
+    if already == len(plans):
+        return SharingResult(lists[0].name, result_maps[0], before, before, result_lists, result_maps)
+    for found, _, wanted in plans:
+        blocks = found.blocks
+        for i, r in enumerate(wanted):
+            if r == i:
+                continue
+            diffs = _differences(blocks[r], blocks[i], rep_is_first=r == 0)
+            if diffs:
+                raise ValueError(
+                    f"share_layers(num_unique_layers={num_unique_layers}, strategy={strategy!r}) on "
+                    f"{_describe(model, found.name)}: position {i} of {found.name} would use block {r}, which "
+                    "differs from "
+                    f"its own block beyond the weights ({'; '.join(diffs[:3])}). Sharing would change what position "
+                    f"{i} computes. Choose a mapping in which every position uses a block of its own kind (e.g. "
+                    "strategy='cycle' with num_unique_layers a multiple of the layer pattern), or make the layers "
+                    "uniform in the model's config."
+                )
+    for found, mapping, wanted in plans:
+        blocks = found.blocks
+        if init == "average":
+            _average(blocks, mapping, num_unique_layers)
+        for i, r in enumerate(wanted):
+            found.replace(i, blocks[r])
+    disable_kv_cache(model)
+    return SharingResult(lists[0].name, result_maps[0], before, _count(model), result_lists, result_maps)
+
+
+def _describe(model: nn.Module, block_list: str) -> str:
+    """``model``'s class, and that of the configured model holding ``block_list`` if it is another (an HF model)."""
+    parts = block_list.split(".")
+    for k in range(len(parts)):
+        inner = model.get_submodule(".".join(parts[:k]))
+        if hasattr(inner, "config"):
+            return type(model).__name__ if inner is model else f"{type(model).__name__} ({type(inner).__name__})"
+    return type(model).__name__
+
+
+def _average(blocks: list[nn.Module], mapping: list[int], num_unique_layers: int) -> None:
+    """Set each group's first block to the mean of the group (each parameter over the blocks that have it)."""
+    with torch.no_grad():
+        for u in range(num_unique_layers):
+            members = [blocks[i] for i, g in enumerate(mapping) if g == u]
+            if len(members) == 1:
+                continue
+            named = [dict(m.named_parameters()) for m in members]
+            for name, p in named[0].items():
+                values = [nm[name].detach().float() for nm in named if name in nm]
+                p.copy_(torch.stack(values).mean(0).to(p.dtype))
 
 
 class ParameterSharing(Callback):
@@ -171,13 +277,14 @@ class ParameterSharing(Callback):
     equal, only the storage is not shared).
 
     Args:
-        num_unique_layers: Number of distinct blocks after sharing.
+        num_unique_layers: Number of distinct blocks of each block list after sharing.
         strategy: ``"all"``, ``"sequence"``, ``"cycle"`` or ``"cycle_rev"``.
         init: ``"first"`` or ``"average"``.
         block_classes: Class names of the blocks, overriding detection.
 
     Raises:
-        ValueError: On invalid arguments (checked here; the layer count is checked in ``setup``).
+        ValueError: On invalid arguments (checked here); in ``setup``, whatever :func:`share_layers` refuses (a layer
+            count that leaves nothing to share, blocks that differ beyond their weights).
     """
 
     def __init__(
@@ -215,10 +322,12 @@ class ParameterSharing(Callback):
         )
         if self.result is None:
             self.result = result
+            stacks = "; ".join(
+                f"{len(mapping)} blocks of {name} share {len(set(mapping))} ({self.strategy}: {list(mapping)})"
+                for name, mapping in zip(result.block_lists, result.mappings)
+            )
             rank_zero_info(
-                f"ParameterSharing: {len(result.mapping)} blocks of {result.block_list} share "
-                f"{self.num_unique_layers} unique block(s) ({self.strategy}: {list(result.mapping)}); parameters "
-                f"{result.params_before:,} -> {result.params_after:,}."
+                f"ParameterSharing: {stacks}; parameters {result.params_before:,} -> {result.params_after:,}."
             )
 
     @override

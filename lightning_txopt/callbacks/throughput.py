@@ -27,10 +27,10 @@ def batch_token_counts(batch: Any) -> tuple[int, int, int]:
         (4, 8, 2)
     """
     real, processed, samples = device_token_counts(batch)
-    return int(real), processed, samples
+    return int(real), processed, int(samples)
 
 
-def device_token_counts(batch: Any) -> tuple[int | torch.Tensor, int, int]:
+def device_token_counts(batch: Any) -> tuple[int | torch.Tensor, int, int | torch.Tensor]:
     """:func:`batch_token_counts` without reading the device: the real-token count stays a tensor where the batch is.
 
     ``TokenThroughputMonitor`` sums these on the device and reads them only when it logs: an ``int()`` of a CUDA
@@ -49,7 +49,12 @@ def device_token_counts(batch: Any) -> tuple[int | torch.Tensor, int, int]:
         real = batch["cu_seq_lens"][-1]
     else:
         real = processed
-    samples = int(batch["cu_seq_lens"].numel() - 1) if "cu_seq_lens" in batch else int(ids.shape[0])
+    samples: int | torch.Tensor
+    if "cu_seq_lens" in batch:  # packed: non-empty sample slots (static shapes pad the slots with empty ones)
+        cu = batch["cu_seq_lens"]
+        samples = (cu[1:] > cu[:-1]).sum()
+    else:
+        samples = int(ids.shape[0])
     return real, processed, samples
 
 

@@ -113,8 +113,10 @@ def position_offset(model: nn.Module) -> int:
     return 0
 
 
-def packed_model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+def packed_model_inputs(model: nn.Module, batch: Mapping[str, Any], *, offset: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``model`` (or its base model) that run a packed ``batch`` exactly.
+
+    ``offset`` is the model's :func:`position_offset` when the caller knows it already (it is looked up otherwise).
 
     Raises:
         ValueError: For an attention implementation that cannot take packed rows (e.g. a sliding-window model on
@@ -122,7 +124,8 @@ def packed_model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str,
     """
     impl = _attn_implementation(model)
     ids = batch["input_ids"]
-    positions = batch["position_ids"] + position_offset(model)
+    offset = position_offset(model) if offset is None else offset
+    positions = batch["position_ids"] + offset if offset else batch["position_ids"]
     extra = {k: batch[k] for k in ("token_type_ids",) if k in batch}
     if impl in _VARLEN_STYLE:
         flat = {k: v.reshape(1, -1) for k, v in extra.items()}
@@ -226,17 +229,17 @@ def _head_logits(model: nn.Module, pooled: torch.Tensor, output_type: type) -> t
 
 
 def packed_classification_logits(
-    model: nn.Module, batch: Mapping[str, Any], pooling: Pooling, *, base: Any = None
+    model: nn.Module, batch: Mapping[str, Any], pooling: Pooling, *, base: Any = None, offset: int | None = None
 ) -> tuple[torch.Tensor, Any]:
     """Sequence-classification logits ``(samples, classes)`` of a packed batch, and the base model's output.
 
     The base model runs once over the packed rows; each sample is pooled (``pooling``: what the model's own head
     reads, as :func:`check_packing_support` found) and the model's own head (pooler, dropout, pre-classifier,
     classifier) runs on the pooled vectors. ``base`` runs the base model instead of calling it (e.g. its
-    ``torch.compile`` wrapper).
+    ``torch.compile`` wrapper); ``offset`` as in :func:`packed_model_inputs`.
     """
     run = base if base is not None else _base_model(model)
-    output = run(**packed_model_inputs(model, batch))
+    output = run(**packed_model_inputs(model, batch, offset=offset))
     rows, width = batch["input_ids"].shape
     hidden = output.last_hidden_state.reshape(rows, width, -1)
     return _head_logits(model, pool_packed(hidden, batch, pooling), type(output)), output

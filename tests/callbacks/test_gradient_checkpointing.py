@@ -23,6 +23,8 @@ from tests.helpers import (
     tiny_bert,
     tiny_gpt2,
 )
+from tests.utils.test_blocks import DictTransformer
+from tests.zoo import FAMILIES
 
 MODES = ["full"] + (["selective"] if selective_checkpointing_available() else [])
 
@@ -147,3 +149,112 @@ def test_callback_through_trainer_matches_plain_training(kwargs):
     assert callback.plan is not None and callback.plan.num_blocks == 4
     for (name, a), b in zip(plain.model.state_dict().items(), module.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- encoder-decoders (both stacks, caches off everywhere) and ModuleDict block lists (issue #14) ---
+
+
+def _t5_lm():
+    """T5ForConditionalGeneration from the zoo's tiny T5 config (the zoo builds T5 for classification only)."""
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    cfg = dict(FAMILIES["t5"].config)
+    cfg.pop("model_type")
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(AutoConfig.for_model("t5", **cfg)).train()
+
+
+def _t5_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 64, (3, 9), generator=g)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(5, 64, (3, 7), generator=g),
+    }
+
+
+def _t5_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class _CountForwards:
+    """Counts calls of a block class's forward (a checkpoint's recomputation calls it directly)."""
+
+    def __init__(self, cls):
+        self.cls, self.original, self.n = cls, cls.forward, 0
+
+    def __enter__(self):
+        original = self.original
+
+        def counting(module, *args, **kwargs):
+            self.n += 1
+            return original(module, *args, **kwargs)
+
+        self.cls.forward = counting
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.forward = self.original
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_t5_wrapper_every_2_checkpoints_both_stacks_exactly(mode):
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    model = _t5_lm()
+    batch = _t5_batch()
+    reference = _t5_grads(copy.deepcopy(model), batch)
+    plan = enable_gradient_checkpointing(model, prefer_native=False, every_n_layers=2, mode=mode)
+    assert plan.mechanism == "wrap" and plan.block_lists == ("encoder.block", "decoder.block")
+    assert plan.blocks_per_list == (2, 2) and plan.num_blocks == 4 and plan.checkpointed == (0, 2)
+    assert plan.checkpointed_in("encoder.block") == (0,) and plan.checkpointed_in("decoder.block") == (0,)
+    assert plan.block_list == "encoder.block"
+    assert not model.config.use_cache and not model.encoder.config.use_cache and not model.decoder.config.use_cache
+    with _CountForwards(T5Block) as calls:
+        got = _t5_grads(model, batch)  # raised CheckpointError before: the decoder's cache was still on
+    assert calls.n == 4 + 2  # every block once, block 0 of each stack once more in the backward
+    assert set(got) == set(reference)
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_t5_native_plan_reports_both_stacks():
+    model = _t5_lm()
+    batch = _t5_batch()
+    reference = _t5_grads(copy.deepcopy(model), batch)
+    plan = enable_gradient_checkpointing(model)
+    assert plan.mechanism == "huggingface" and plan.block_list is None
+    assert plan.block_lists == ("encoder.block", "decoder.block") and plan.checkpointed == (0, 1, 2, 3)
+    assert not model.decoder.config.use_cache
+    got = _t5_grads(model, batch)
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_cache_passed_to_a_checkpointed_block_is_a_clear_error():
+    model = _t5_lm()
+    enable_gradient_checkpointing(model, prefer_native=False)
+    with pytest.raises(RuntimeError, match=r"checkpointed T5Block was called with a KV cache"):
+        model(**_t5_batch(), use_cache=True)
+    with pytest.raises(ValueError, match=r"'nope' is not a checkpointed block list"):
+        enable_gradient_checkpointing(_t5_lm(), prefer_native=False).checkpointed_in("nope")
+
+
+@pytest.mark.parametrize("block_classes", [None, ["TransformerEncoderLayer"]])
+def test_module_dict_blocks(block_classes):
+    model = DictTransformer()
+    model.train()
+    batch = batch_for(model)
+    reference = grads_of(copy.deepcopy(model), batch)
+    plan = enable_gradient_checkpointing(model, every_n_layers=2, block_classes=block_classes)
+    assert plan.block_lists == ("blocks",) and plan.checkpointed == (0, 2)
+    assert "forward" in model.blocks["second"].__dict__ and "forward" in model.blocks["zeta"].__dict__
+    assert "forward" not in model.blocks["first"].__dict__  # insertion order, not key order
+    with _CountForwards(torch.nn.TransformerEncoderLayer) as calls:
+        got = grads_of(model, batch)
+    assert calls.n == 4 + 2
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-6, atol=1e-7, msg=name)

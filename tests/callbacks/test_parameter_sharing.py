@@ -9,6 +9,7 @@ import torch
 from lightning_txopt.callbacks.gradient_checkpointing import enable_gradient_checkpointing
 from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, layer_mapping, share_layers
 from lightning_txopt.data import BucketDataModule
+from lightning_txopt.utils.blocks import BlockList
 from tests.helpers import (
     ModelModule,
     PlainTransformer,
@@ -20,6 +21,8 @@ from tests.helpers import (
     tiny_bert,
     tiny_gpt2,
 )
+from tests.utils.test_blocks import DictTransformer
+from tests.zoo import FAMILIES
 
 
 @pytest.mark.parametrize(
@@ -155,7 +158,7 @@ def test_checkpoint_reload_keeps_sharing_and_weights(tmp_path):
     for (k, a), b in zip(module.model.state_dict().items(), fresh.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     with pytest.raises(ValueError, match="num_unique_layers=2"):
-        cpu_trainer(max_epochs=1, callbacks=[ParameterSharing(4, strategy="cycle")]).fit(
+        cpu_trainer(max_epochs=1, callbacks=[ParameterSharing(1, strategy="all")]).fit(
             ModelModule(tiny_bert(num_hidden_layers=4)), datamodule=_dm(), ckpt_path=str(shared_path)
         )
 
@@ -167,3 +170,146 @@ def test_callback_argument_errors():
         ParameterSharing(2, strategy="zigzag")
     with pytest.raises(ValueError, match="num_unique_layers"):
         ParameterSharing(0)
+
+
+# --- every stack, blocks that differ beyond their weights, nothing to share (issue #14) ---
+
+
+def weight_copy_reference(original, shared, result):
+    """The unshared ``original`` whose every position holds the weights of the block it shares in ``shared``.
+
+    Each position keeps its own block and settings (attention type, window, ...): sharing is exact iff the shared
+    model computes what this reference computes.
+    """
+    reference = copy.deepcopy(original)
+    for name in result.block_lists:
+        ours, theirs = BlockList(name, shared.get_submodule(name)), BlockList(name, reference.get_submodule(name))
+        for i in range(len(ours)):
+            missing, unexpected = theirs[i].load_state_dict(ours[i].state_dict(), strict=False)
+            assert not missing, (name, i, missing)
+            assert all("relative_attention_bias" in k for k in unexpected), (name, i, unexpected)  # T5: block 0 only
+    return reference
+
+
+def assert_sharing_exact(shared, reference, result, loss, rtol=1e-5, atol=1e-6):
+    """Outputs equal; each shared block's gradient is the sum of its positions' gradients in the reference."""
+    shared.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    a, b = loss(shared), loss(reference)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    a.backward()
+    b.backward()
+    ref_grads = dict(reference.named_parameters(remove_duplicate=False))
+    checked = set()
+    for name in result.block_lists:
+        ours, theirs = BlockList(name, shared.get_submodule(name)), BlockList(name, reference.get_submodule(name))
+        for i in range(len(ours)):
+            if any(ours[i] is ours[j] for j in range(i)):
+                continue
+            users = [j for j in range(len(ours)) if ours[j] is ours[i]]
+            for pname, p in ours[i].named_parameters():
+                parts = [dict(theirs[j].named_parameters()).get(pname) for j in users]
+                expected = sum((q.grad for q in parts if q is not None and q.grad is not None), torch.zeros_like(p))
+                got = p.grad if p.grad is not None else torch.zeros_like(p)
+                torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=f"{name}[{i}].{pname}")
+                checked.add(id(p))
+    for pname, p in shared.named_parameters():
+        if id(p) not in checked:
+            q = ref_grads[pname]
+            got = p.grad if p.grad is not None else torch.zeros_like(p)
+            want = q.grad if q.grad is not None else torch.zeros_like(q)
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=pname)
+
+
+def _t5_loss(model):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 64, (3, 9), generator=g)
+    ids[:, -1] = 2
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 2])).loss
+
+
+@pytest.mark.parametrize("init", ["first", "average"])
+def test_t5_shares_both_stacks_exactly(init):
+    original = FAMILIES["t5"].build()
+    model = copy.deepcopy(original)
+    result = share_layers(model, num_unique_layers=1, strategy="all", init=init)
+    assert result.block_lists == ("transformer.encoder.block", "transformer.decoder.block")
+    assert result.mappings == ((0, 0), (0, 0)) and result.mapping == (0, 0)
+    assert model.transformer.encoder.block[1] is model.transformer.encoder.block[0]
+    assert model.transformer.decoder.block[1] is model.transformer.decoder.block[0]
+    assert not model.transformer.decoder.config.use_cache
+    if init == "average":
+        enc = original.transformer.encoder.block
+        expected = (enc[0].layer[1].DenseReluDense.wi.weight + enc[1].layer[1].DenseReluDense.wi.weight) / 2
+        torch.testing.assert_close(model.transformer.encoder.block[0].layer[1].DenseReluDense.wi.weight, expected)
+        bias = "layer.0.SelfAttention.relative_attention_bias.weight"  # only block 0 has it: kept as it was
+        torch.testing.assert_close(model.transformer.encoder.block[0].get_parameter(bias), enc[0].get_parameter(bias))
+    assert_sharing_exact(model, weight_copy_reference(original, model, result), result, _t5_loss)
+
+
+def _zoo_loss(model):
+    batch = batch_for(model)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+@pytest.mark.parametrize(
+    ("family", "match"),
+    [
+        (
+            "modernbert",
+            r"position 1 of model.layers would use block 0, which differs from its own block beyond the "
+            r"weights \(.*attention_type: 'sliding_attention' here, 'full_attention' in the shared block",
+        ),
+        ("qwen2", r"position 1 of model.layers would use block 0.*sliding_window: 8 here, None in the shared block"),
+    ],
+)
+def test_blocks_that_differ_beyond_their_weights_are_refused(family, match):
+    model = FAMILIES[family].build()
+    before = [id(b) for b in model.model.layers]
+    with pytest.raises(ValueError, match=match):
+        share_layers(model, num_unique_layers=1, strategy="all")
+    assert [id(b) for b in model.model.layers] == before  # nothing changed
+
+
+def test_a_mapping_that_keeps_each_kind_is_accepted_and_exact():
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = FAMILIES["qwen2"].config_dict(num_hidden_layers=4, max_window_layers=2)  # full, full, sliding, sliding
+    cfg.pop("model_type")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", **cfg)
+    config.num_labels = 3
+    original = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").train()
+    with pytest.raises(ValueError, match=r"position 2 of model.layers would use block 0"):
+        share_layers(copy.deepcopy(original), num_unique_layers=2, strategy="cycle")
+    model = copy.deepcopy(original)
+    result = share_layers(model, num_unique_layers=2, strategy="sequence")
+    assert result.mapping == (0, 0, 1, 1)
+    assert_sharing_exact(model, weight_copy_reference(original, model, result), result, _zoo_loss)
+
+
+def test_layer_index_counts_when_the_model_uses_it():
+    with pytest.raises(ValueError, match=r"attn.layer_idx: 1 here, 0 in the shared block"):
+        share_layers(tiny_gpt2(scale_attn_by_inverse_layer_idx=True), num_unique_layers=1, strategy="all")
+    share_layers(tiny_gpt2(), num_unique_layers=1, strategy="all")  # otherwise it only picks a cache slot
+
+
+def test_nothing_to_share_is_an_error():
+    with pytest.raises(ValueError, match=r"num_unique_layers=4 is the number of blocks \(layers: 4\): nothing"):
+        share_layers(PlainTransformer(num_layers=4), num_unique_layers=4)
+    with pytest.raises(ValueError, match="nothing would be shared"):
+        cpu_trainer(max_epochs=1, callbacks=[ParameterSharing(4)]).fit(
+            ModelModule(PlainTransformer()), datamodule=_dm()
+        )
+
+
+def test_module_dict_blocks_are_shared_in_insertion_order():
+    original = DictTransformer()
+    model = copy.deepcopy(original)
+    result = share_layers(model, num_unique_layers=2, strategy="sequence")
+    assert result.block_lists == ("blocks",) and result.mapping == (0, 0, 1, 1)
+    assert list(model.blocks.keys()) == list(DictTransformer.KEYS)
+    assert model.blocks["first"] is model.blocks["second"] and model.blocks["alpha"] is model.blocks["zeta"]
+    assert_sharing_exact(
+        model, weight_copy_reference(original, model, result), result, lambda m: loss_of(m, batch_for(m))
+    )

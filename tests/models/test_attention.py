@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_txopt.models.attention import (
+    VARLEN_ATTENTION,
+    attention_dropout,
+    flash_forward_schema_matches,
+    register_varlen_attention,
+    segment_ids,
+    segment_mask,
+    use_varlen_attention,
+    varlen_attention_forward,
+    varlen_kernel_available,
+)
+from tests.zoo import FAMILIES
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.is_causal = causal
+
+
+def _per_segment_reference(q, k, v, lens, *, causal, left=-1):
+    """Attention of each segment on its own (plain SDPA), concatenated: the reference for packed rows."""
+    outs, start = [], 0
+    for n in lens:
+        if n == 0:
+            continue
+        qs, ks, vs = (t[:, :, start : start + n] for t in (q, k, v))
+        i = torch.arange(n)
+        allowed = torch.ones(n, n, dtype=torch.bool)
+        if causal:
+            allowed &= i[:, None] >= i[None, :]
+        if left >= 0:
+            allowed &= (i[:, None] - i[None, :]).abs() <= left
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed))
+        start += n
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_packed_fallback_equals_each_segment_alone(causal, window, kv_heads):
+    torch.manual_seed(0)
+    lens = [7, 0, 12, 3, 10]  # an empty segment (a full row's padding run) included
+    total = sum(lens)
+    q = torch.randn(1, 2, total, 8)
+    k, v = torch.randn(1, kv_heads, total, 8), torch.randn(1, kv_heads, total, 8)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    out, weights = varlen_attention_forward(
+        _Attn(causal),
+        q,
+        k,
+        v,
+        None,
+        sliding_window=window,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(lens),
+        max_length_k=max(lens),
+    )
+    kk, vv = (t.repeat_interleave(2 // kv_heads, dim=1) for t in (k, v))
+    ref = _per_segment_reference(q, kk, vv, lens, causal=causal, left=window - 1 if window else -1)
+    assert weights is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_batches_go_to_sdpa_and_the_window_applies_without_a_mask():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 20, 8) for _ in range(3))
+    out, _ = varlen_attention_forward(_Attn(True), q, k, v, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+    windowed, _ = varlen_attention_forward(_Attn(True), q, k, v, None, sliding_window=4)
+    i = torch.arange(20)
+    band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 4)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=band).transpose(1, 2)
+    torch.testing.assert_close(windowed, ref)
+
+
+def test_segment_helpers():
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    assert segment_ids(cu, 5).tolist() == [0, 0, 2, 2, 2]
+    m = segment_mask(cu, 1, 5, causal=False, window=(1, 1))[0, 0].int()
+    assert m.tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+
+
+def test_a_relative_position_bias_cannot_be_packed():
+    q = torch.randn(1, 2, 6, 8)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="position bias"):
+        varlen_attention_forward(_Attn(False), q, q, q, None, cu_seq_lens_q=cu, position_bias=torch.zeros(1))
+
+
+def test_registration_and_switching():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert register_varlen_attention() == VARLEN_ATTENTION
+    assert VARLEN_ATTENTION in AttentionInterface() and VARLEN_ATTENTION in ALL_MASK_ATTENTION_FUNCTIONS
+    model = use_varlen_attention(FAMILIES["llama"].build("causal-lm"))
+    assert model.config._attn_implementation == VARLEN_ATTENTION
+    with pytest.raises(ValueError, match="not a Hugging Face PreTrainedModel"):
+        use_varlen_attention(torch.nn.Linear(2, 2))
+
+
+def test_attention_dropout_is_reported_because_the_kernel_has_none():
+    model = FAMILIES["bert"].build()
+    model.config.attention_probs_dropout_prob = 0.1
+    assert attention_dropout(model) == 0.1
+    with pytest.warns(UserWarning, match="attention dropout 0.1"):
+        use_varlen_attention(model)
+
+
+def test_the_kernel_needs_cuda_half_precision_and_the_op_keeps_its_schema():
+    assert not varlen_kernel_available("cpu", torch.bfloat16)
+    assert not varlen_kernel_available("cpu", torch.float32)
+    # the backend calls aten::_flash_attention_forward directly (see _flash_varlen): this fails when torch changes it
+    assert flash_forward_schema_matches()
