@@ -267,6 +267,22 @@ class CountingCollator:
         return batch
 
 
+class CountingDataModule(BucketDataModule):
+    """A BucketDataModule whose ``count_split`` batches pass through a :class:`CountingCollator` (picklable)."""
+
+    def __init__(self, *args: Any, count_split: str = "train", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_split = count_split
+        self.counter = CountingCollator(None)
+
+    def collator_for(self, split: str, max_tokens: int | None = None) -> Any:
+        collate = super().collator_for(split, max_tokens)
+        if split != self.count_split:
+            return collate
+        self.counter.collate = collate
+        return self.counter
+
+
 class _LightningWindow(pl.Callback):
     def __init__(self, window: Window, counter: CountingCollator) -> None:
         self.window = window
@@ -347,7 +363,7 @@ def lightning_row(
     window = Window(warm, settings.steps)
     budget = max_tokens or settings.max_tokens
     new_dm: dict[str, Any] = {} if static_shapes is None else {"static_shapes": static_shapes}
-    dm = BucketDataModule(
+    dm = CountingDataModule(
         workload.samples,
         pad_token_id=0,
         strategy=strategy,  # type: ignore[arg-type]
@@ -359,8 +375,7 @@ def lightning_row(
         causal=causal,
         **new_dm,
     )
-    counter = CountingCollator(dm.collator)
-    dm.collator = counter  # type: ignore[assignment]
+    counter = dm.counter
     torch.manual_seed(0)
     new_module: dict[str, Any] = {} if module_compile is None else {"compile": module_compile}
     if module_compile:

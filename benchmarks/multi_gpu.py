@@ -22,10 +22,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from _common import environment, markdown_table
-from gpu_runner import CountingCollator, Window
+from gpu_runner import CountingCollator, CountingDataModule, Window
 from workloads import bert_config, corpus_samples
 
-from lightning_txopt.data import BucketDataModule
 from lightning_txopt.data.planning import plan_epoch
 from lightning_txopt.module import TransformerModule
 
@@ -73,9 +72,8 @@ class _NoCudnnAttention(pl.Callback):
 
 def run(samples: list[dict], args: argparse.Namespace, devices: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    dm = BucketDataModule(samples, pad_token_id=0, max_tokens=args.max_tokens, seed=0)
-    counter = CountingCollator(dm.collator)
-    dm.collator = counter  # type: ignore[assignment]
+    dm = CountingDataModule(samples, pad_token_id=0, max_tokens=args.max_tokens, seed=0)
+    counter = dm.counter
     torch.manual_seed(0)
     module = TransformerModule(config=bert_config(args.quick), num_labels=40)
     with tempfile.TemporaryDirectory() as folder:

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from _common import environment, hf_training_arguments, markdown_table, synced_time
 from api_check import ApiProbe
-from gpu_runner import CountingCollator, peak_gib, reset_memory, schedule
+from gpu_runner import CountingDataModule, peak_gib, reset_memory, schedule
 from workloads import DATA, Workload, build_workload
 
-from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
+from lightning_txopt.data import BucketBatchSampler, PaddingCollator
 from lightning_txopt.module import TransformerModule
 
 __all__ = ["ROWS", "PredictRow", "report"]
@@ -163,9 +163,10 @@ def lightning_pass(workload: Workload, module: TransformerModule, budget: int, o
 
     cuda = torch.cuda.is_available()
     dm_options = {k: v for k, v in options.items() if k != "attn_implementation"}
-    dm = BucketDataModule(predict_dataset=workload.samples, pad_token_id=0, max_tokens=budget, **dm_options)  # type: ignore[call-arg]
-    counter = CountingCollator(dm.collator)
-    dm.collator = counter  # type: ignore[assignment]
+    dm = CountingDataModule(
+        predict_dataset=workload.samples, pad_token_id=0, max_tokens=budget, count_split="predict", **dm_options
+    )
+    counter = dm.counter
     trainer = pl.Trainer(
         accelerator="cuda" if cuda else "cpu",
         devices=1,

@@ -143,7 +143,17 @@ class TransformerModule(pl.LightningModule):
 
     Raises:
         ValueError: If neither or both of ``model``/``config`` are given, on an unknown task, or on a learning rate,
-            warm-up or head factor out of range.
+            warm-up, head factor or chunk size out of range.
+
+    Example:
+        >>> import torch
+        >>> module = TransformerModule(config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
+        ...     "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 50}, num_labels=3)
+        >>> batch = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 0]]),
+        ...          "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "labels": torch.tensor([0, 2])}
+        >>> loss, items, logits = module.loss_and_items(batch, "mean")
+        >>> int(items), tuple(logits.shape), module.model.config._attn_implementation
+        (2, (2, 3), 'txopt_varlen')
     """
 
     def __init__(

@@ -170,6 +170,7 @@ def _main_error(bench: Any, capsys: pytest.CaptureFixture[str], *argv: str) -> s
     return captured.err
 
 
+@pytest.mark.slow
 def test_gpu_compare_rejects_bad_arguments_before_running(bench: Any, capsys: pytest.CaptureFixture[str]) -> None:
     bad_window = _main_error(bench, capsys, "--quick", "--steps", "2", "--only", "accumulation")
     assert "row 'accumulation'" in bad_window and "multiple of accumulate=2" in bad_window
@@ -386,6 +387,7 @@ def test_predict_compare_quick(tmp_path: Path, bench: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- others
+@pytest.mark.slow
 def test_model_techniques_tiny(tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, BertConfig
 
@@ -438,6 +440,7 @@ def test_multi_gpu_quick_on_two_cpu_ranks(tmp_path: Path, bench: Any) -> None:
         assert run["padding_efficiency"] == pytest.approx(real / padded, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_padding_efficiency_against_the_corpus_readme() -> None:
     stdout = _ok(_run("padding_efficiency.py"))
     assert "Corpus: 14,396 samples" in stdout  # the embedded corpus, whole

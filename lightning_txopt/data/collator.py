@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lightning_txopt.utils.checks import round_up
+from lightning_txopt.utils.checks import check_positive_int, round_up
 
 __all__ = ["PaddingCollator", "pad_sequences", "padded_widths"]
 
@@ -135,14 +135,8 @@ class PaddingCollator:
             raise ValueError(f"`padding` must be one of {_PADDINGS}, got {padding!r}.")
         if padding_side not in _SIDES:
             raise ValueError(f"`padding_side` must be one of {_SIDES}, got {padding_side!r}.")
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
-        ):
-            raise ValueError(f"`max_length` must be a positive integer or None, got {max_length!r}.")
-        if pad_to_multiple_of is not None and (
-            isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
-        ):
-            raise ValueError(f"`pad_to_multiple_of` must be a positive integer or None, got {pad_to_multiple_of!r}.")
+        check_positive_int("max_length", max_length, optional=True)
+        check_positive_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
         if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs `max_length` (the fixed length to pad every batch to).")
         if truncation and max_length is None:

@@ -55,8 +55,7 @@ def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, i
         num_replicas = torch.distributed.get_world_size() if dist_on else 1
     if rank is None:
         rank = torch.distributed.get_rank() if dist_on else 0
-    if not isinstance(num_replicas, int) or num_replicas < 1:
-        raise ValueError(f"`num_replicas` must be a positive integer, got {num_replicas!r}.")
+    check_positive_int("num_replicas", num_replicas)
     if not isinstance(rank, int) or not 0 <= rank < num_replicas:
         raise ValueError(f"`rank` must be in [0, {num_replicas}), got {rank!r}.")
     return num_replicas, rank

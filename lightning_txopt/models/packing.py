@@ -39,11 +39,33 @@ __all__ = [
     "packed_model_inputs",
     "pool_packed",
     "position_offset",
+    "tiny_model",
 ]
 
 Pooling = Literal["first", "last", "mean"]
 _POOLINGS: tuple[Pooling, ...] = ("first", "last", "mean")
 _VARLEN_STYLE = (VARLEN_ATTENTION, "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def tiny_model(model_type: str, **config: Any) -> nn.Module:
+    """A freshly initialised two-layer Hugging Face classifier of ``model_type`` (hidden size 16), for examples.
+
+    ``config`` overrides the small defaults (e.g. ``sliding_window=8``); the model runs SDPA attention.
+
+    Example:
+        >>> type(tiny_model("llama")).__name__
+        'LlamaForSequenceClassification'
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    small: dict[str, Any] = dict(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    small.update(config)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(
+        AutoConfig.for_model(model_type, **small), attn_implementation="sdpa"
+    )
 
 
 def _config(model: nn.Module) -> Any:
@@ -59,8 +81,8 @@ def attention_window(model: nn.Module) -> int | None:
     """The widest sliding or local attention window of the model's config, or ``None`` (full attention only).
 
     Example:
-        >>> from tests.zoo import FAMILIES
-        >>> attention_window(FAMILIES["mistral"].build("causal-lm")), attention_window(FAMILIES["bert"].build())
+        >>> from lightning_txopt.models.packing import tiny_model as tiny
+        >>> attention_window(tiny("mistral", sliding_window=8, num_key_value_heads=1)), attention_window(tiny("bert"))
         (8, None)
     """
     config = _config(model)
@@ -85,8 +107,8 @@ def is_causal_model(model: nn.Module) -> bool:
     """Whether the model's self-attention is causal (a decoder): its attention modules say ``is_causal``.
 
     Example:
-        >>> from tests.zoo import FAMILIES
-        >>> is_causal_model(FAMILIES["llama"].build("causal-lm")), is_causal_model(FAMILIES["bert"].build())
+        >>> from lightning_txopt.models.packing import tiny_model as tiny
+        >>> is_causal_model(tiny("llama")), is_causal_model(tiny("bert"))
         (True, False)
     """
     flags = [bool(m.is_causal) for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
@@ -101,8 +123,8 @@ def position_offset(model: nn.Module) -> int:
     ``padding_idx + 1`` for RoBERTa-style embeddings, whose positions start after the padding index; 0 otherwise.
 
     Example:
-        >>> from tests.zoo import FAMILIES
-        >>> position_offset(FAMILIES["roberta"].build()), position_offset(FAMILIES["bert"].build())
+        >>> from lightning_txopt.models.packing import tiny_model as tiny
+        >>> position_offset(tiny("roberta", pad_token_id=1)), position_offset(tiny("bert"))
         (2, 0)
     """
     for module in model.modules():
@@ -121,6 +143,17 @@ def packed_model_inputs(model: nn.Module, batch: Mapping[str, Any], *, offset: i
     Raises:
         ValueError: For an attention implementation that cannot take packed rows (e.g. a sliding-window model on
             ``"sdpa"``/``"eager"``, or ``"flex_attention"``), naming the alternative.
+
+    Example:
+        >>> from lightning_txopt.models.packing import tiny_model as tiny
+        >>> batch = PackingCollator(8)([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
+        >>> sdpa = packed_model_inputs(tiny("bert"), batch)
+        >>> tuple(sdpa["attention_mask"].shape), sdpa["attention_mask"][0, 0, 0].tolist()
+        ((1, 1, 5, 5), [True, True, True, False, False])
+        >>> from lightning_txopt.models import use_varlen_attention
+        >>> varlen = packed_model_inputs(use_varlen_attention(tiny("bert")), batch)
+        >>> "attention_mask" in varlen, varlen["cu_seq_lens_q"].tolist()
+        (False, [0, 3, 5, 5])
     """
     impl = _attn_implementation(model)
     ids = batch["input_ids"]
@@ -215,17 +248,18 @@ def _head_logits(model: nn.Module, pooled: torch.Tensor, output_type: type) -> t
     ones = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
     config = _config(model)
     pad = getattr(config, "pad_token_id", None)
-    # the head only reads the ids to find the last non-padding token: one token that is not padding
-    inputs: dict[str, Any] = (
-        {"input_ids": torch.full_like(ones, (pad + 1) % max(int(getattr(config, "vocab_size", 2) or 2), 2))}
-        if isinstance(pad, int)
-        else {"inputs_embeds": states}
-    )
+    # decoder heads read the ids only to find each row's last non-padding token: give one token that is not padding
+    # (a model without a pad token gets -1 for the call, which no id equals: every packed sample is one row here)
+    token = (pad + 1) % max(int(getattr(config, "vocab_size", 2) or 2), 2) if isinstance(pad, int) else 0
     base.forward = _PooledBase(base, states, output_type)  # type: ignore[method-assign]
+    if pad is None and config is not None:
+        config.pad_token_id = -1
     try:
-        return model(**inputs, attention_mask=ones).logits
+        return model(input_ids=torch.full_like(ones, token), attention_mask=ones).logits
     finally:
         del base.forward
+        if pad is None and config is not None:
+            config.pad_token_id = None
 
 
 def packed_classification_logits(
@@ -237,6 +271,15 @@ def packed_classification_logits(
     reads, as :func:`check_packing_support` found) and the model's own head (pooler, dropout, pre-classifier,
     classifier) runs on the pooled vectors. ``base`` runs the base model instead of calling it (e.g. its
     ``torch.compile`` wrapper); ``offset`` as in :func:`packed_model_inputs`.
+
+    Example:
+        >>> from lightning_txopt.models.packing import tiny_model as tiny
+        >>> model = tiny("distilbert", dim=16, n_heads=2, hidden_dim=32).eval()
+        >>> batch = PackingCollator(16)([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
+        >>> logits, _ = packed_classification_logits(model, batch, "first")
+        >>> alone = model(input_ids=torch.tensor([[8, 9]])).logits
+        >>> tuple(logits.shape), torch.allclose(logits[1], alone[0], atol=1e-6)
+        ((2, 3), True)
     """
     run = base if base is not None else _base_model(model)
     output = run(**packed_model_inputs(model, batch, offset=offset))
@@ -248,6 +291,12 @@ def packed_classification_logits(
 @dataclasses.dataclass(frozen=True)
 class PackingSupport:
     """How a model takes packed batches, as :func:`check_packing_support` established it.
+
+    Example:
+        >>> from lightning_txopt.models.packing import tiny_model as tiny
+        >>> check_packing_support(tiny("roberta", pad_token_id=1), task="sequence-classification")
+        PackingSupport(model='RobertaForSequenceClassification', attn_implementation='sdpa', position_offset=2, \
+pooling='first', window=None)
 
     Attributes:
         model: The model's class name.
@@ -303,6 +352,18 @@ def check_packing_support(
     Raises:
         ValueError: Naming the model, the reason and the alternative, if the model is an encoder-decoder, rejects
             packed inputs, or mixes the samples.
+
+    Example:
+        >>> from lightning_txopt.models.packing import tiny_model as tiny
+        >>> from lightning_txopt.models import use_varlen_attention
+        >>> mistral = tiny("mistral", sliding_window=8, num_key_value_heads=1)
+        >>> check_packing_support(use_varlen_attention(mistral), task="sequence-classification").window
+        8
+        >>> sdpa = tiny("mistral", sliding_window=8, num_key_value_heads=1)
+        >>> check_packing_support(sdpa, task="sequence-classification")
+        Traceback (most recent call last):
+        ...
+        ValueError: MistralForSequenceClassification has sliding-window or local attention (window 8): ...
     """
     name = type(model).__name__
     config = _config(model)
