@@ -474,6 +474,7 @@ def test_plan_speed_small(bench: Any) -> None:
     assert re.search(r"BucketBatchSampler end to end \(batch 32\): [\d.]+x .* \(target >= 5x: (not )?met\)", stdout)
 
 
+@pytest.mark.slow
 def test_token_budget_quick_and_report(tmp_path: Path) -> None:
     out = tmp_path / "tb.json"
     stdout = _ok(
