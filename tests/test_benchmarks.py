@@ -493,3 +493,19 @@ def test_token_budget_quick_and_report(tmp_path: Path) -> None:
 def test_token_budget_refuses_the_cpu_without_quick() -> None:
     proc = _run("token_budget.py", "--no-reference", timeout=120)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
+@pytest.mark.slow
+def test_packing_step_quick_reports_three_cases(tmp_path):
+    out = tmp_path / "step.json"
+    subprocess.run(
+        [sys.executable, str(BENCH / "packing_step.py"), "--quick", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["bucket sdpa eager", "packed varlen eager", "packed static compile"]
+    assert rows[0]["x_bucket"] == 1.0
+    for r in rows:
+        assert len(r["runs"]) == 4 and abs(r["median"] - float(np.median(r["runs"]))) <= 1
