@@ -21,6 +21,7 @@ from lightning_txopt.losses import (
     chunked_linear_cross_entropy,
     lm_head_of,
 )
+from lightning_txopt.memory import explaining_out_of_memory
 from lightning_txopt.models.attention import (
     VARLEN_ATTENTION,
     attention_dropout,
@@ -206,6 +207,7 @@ class TransformerModule(pl.LightningModule):
         self._packing: PackingSupport | None = None  # set by the first packed batch's check
         self._compiled: dict[str, Any] = {}  # torch.compile wrappers, kept out of the module tree (and state_dict)
         self._dropout_checked = False
+        self._batch: dict[str, Any] | None = None
         num_classes = int(hf_model.config.num_labels)
         for stage in ("val", "test"):  # metrics are summed over every rank when computed
             if task == "sequence-classification":
@@ -408,11 +410,31 @@ class TransformerModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        summed = self.loss_reduction == "sum"
-        loss, items, _ = self.loss_and_items(batch, "sum" if summed else "mean")
+        """The loss of a batch: its mean or, with ``loss_reduction="sum"``, its sum over the items.
+
+        An out-of-memory error here or in :meth:`backward` names the batch's shape, its tokens, the token budget in
+        force and what to do (:func:`~lightning_txopt.memory.explain_out_of_memory`).
+        """
+        self._batch = batch  # for backward's explanation of an out-of-memory error
+        with explaining_out_of_memory(batch, max_tokens=self._token_budget()):
+            summed = self.loss_reduction == "sum"
+            loss, items, _ = self.loss_and_items(batch, "sum" if summed else "mean")
         mean = loss.detach() / items.clamp_min(1) if summed else loss.detach()
         self.log("train_loss", mean, prog_bar=self._loss_in_progress_bar, batch_size=int(batch["input_ids"].shape[0]))
         return loss
+
+    @override
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        with explaining_out_of_memory(self._batch, max_tokens=self._token_budget(), where="backward pass"):
+            super().backward(loss, *args, **kwargs)
+
+    def _token_budget(self) -> Any:
+        """The DataModule's ``max_tokens``, read only to explain an out-of-memory error."""
+        try:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            return None
+        return getattr(datamodule, "max_tokens", None)
 
     def _evaluate(self, stage: str, batch: dict[str, Any]) -> None:
         loss_sum, items, logits = self.loss_and_items(batch, "sum")

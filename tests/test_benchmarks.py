@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_txopt.data.planning import plan_epoch
 
@@ -471,3 +472,40 @@ def test_plan_speed_small(bench: Any) -> None:
     assert _number(bucket[3]) == plan_epoch(packed_lengths, max_tokens=16384, seed=0, epoch=1).num_batches
     assert re.search(r"packing 20,000 lengths: [\d.]+x the bucket planner \(target <= 5x: (not )?met\)", stdout)
     assert re.search(r"BucketBatchSampler end to end \(batch 32\): [\d.]+x .* \(target >= 5x: (not )?met\)", stdout)
+
+
+@pytest.mark.slow
+def test_token_budget_quick_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "tb.json"
+    stdout = _ok(
+        _run("token_budget.py", "--quick", "--only", "bert-bucket", "--verify-epochs", "1", "--json", str(out))
+    )
+    row = json.loads(out.read_text())["rows"][0]
+    found, hand = row["finder"], row["by_hand"]
+    assert row["verify"]["ok"] and found["max_tokens"] % found["multiple"] == 0
+    assert hand["max_tokens"] >= found["max_tokens"]  # the finder keeps a margin; a full run at its budget fits
+    assert hand["first_failing"] > hand["max_tokens"]  # bracketed: a larger budget ran out of memory
+    assert f"| bert-bucket | {found['max_tokens']} |" in stdout
+    assert f"| bert-bucket | {found['max_tokens']} |" in _ok(_run("token_budget.py", "--report-from", str(out)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_token_budget_refuses_the_cpu_without_quick() -> None:
+    proc = _run("token_budget.py", "--no-reference", timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
+@pytest.mark.slow
+def test_packing_step_quick_reports_three_cases(tmp_path):
+    out = tmp_path / "step.json"
+    subprocess.run(
+        [sys.executable, str(BENCH / "packing_step.py"), "--quick", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["bucket sdpa eager", "packed varlen eager", "packed static compile"]
+    assert rows[0]["x_bucket"] == 1.0
+    for r in rows:
+        assert len(r["runs"]) == 4 and abs(r["median"] - float(np.median(r["runs"]))) <= 1

@@ -9,7 +9,8 @@ checkpoints where it runs), on the CPU. Only placeholders for what a user brings
 * ``"path/to/local/model"``: a saved tiny BERT classifier (12 layers of width 16, 512 positions, 40 labels);
   ``"path/to/local/causal-lm"``: a saved tiny GPT-2 (512 positions);
 * hardware: ``accelerator="cuda"`` runs as ``accelerator="cpu"`` and ``devices=2`` as ``devices=1`` (the 2-process
-  CPU twin of the multi-GPU page is ``tests/test_workflow.py``).
+  CPU twin of the multi-GPU page is ``tests/test_workflow.py``); ``TokenBudgetFinder()`` and ``fit_checkpointing``,
+  which measure CUDA memory, get ``memory=SavedTensorsMemory(...)`` (an estimate against a pretend 64 MiB device).
 
 A block that cannot run as written (a fragment) is marked in the markdown with ``<!-- skip-test: why -->`` on the
 line above its opening fence; the reason is shown as the skip message. Any other ``"path/to/..."`` string in a block
@@ -27,13 +28,21 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_txopt.memory import SavedTensorsMemory
 from tests import support_table
 from tests.helpers import make_samples, tiny_bert, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 SKIP = re.compile(r"<!--\s*skip-test:\s*(?P<why>.+?)\s*-->")
-HARDWARE = {'accelerator="cuda"': 'accelerator="cpu"', "devices=2": "devices=1"}
+HARDWARE = {
+    'accelerator="cuda"': 'accelerator="cpu"',
+    "devices=2": "devices=1",
+    # the finder and fit_checkpointing measure CUDA memory: on the CPU they run on an estimate
+    "TokenBudgetFinder()": "TokenBudgetFinder(memory=_estimate())",
+    "fit_checkpointing(trainer, pl_module, apply, blocks)": "fit_checkpointing(trainer, pl_module, apply, blocks, "
+    "memory=_estimate())",
+}
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,7 @@ def test_block_runs(block: Block, model_folders: dict[str, str], clean_process: 
         "tokenised_val": _samples(16, seed=2),
         "tokenised_test": _samples(12, seed=3),
         "tokenizer": _Tokenizer(),
+        "_estimate": lambda: SavedTensorsMemory(capacity=64 * 2**20),
     }
     torch.manual_seed(0)
     exec(compile(code, block.id, "exec"), namespace)

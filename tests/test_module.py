@@ -248,3 +248,20 @@ def test_compiled_model_does_not_recompile_with_static_packed_shapes(monkeypatch
 
     cpu_trainer(max_steps=8, callbacks=[Count()], limit_val_batches=0).fit(module, datamodule=dm)
     assert frames[0] >= 1 and len(set(frames)) == 1  # graphs made by the first step only: no recompilation
+
+
+@pytest.mark.parametrize("where", ["training step", "backward pass"])
+def test_an_out_of_memory_error_explains_the_batch_and_the_budget(where):
+    dm = BucketDataModule(make_samples(20, seed=1), pad_token_id=0, max_tokens=96)
+    module = TransformerModule(config=BERT, num_labels=3)
+
+    def out_of_memory(*_: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if where == "training step":
+        module.model.register_forward_pre_hook(out_of_memory)
+    else:
+        module.model.classifier.weight.register_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=rf"(?s){where}.*max_tokens=96") as info:
+        cpu_trainer(max_steps=1).fit(module, datamodule=dm)
+    assert "TokenBudgetFinder" in str(info.value) and "shape" in str(info.value)

@@ -24,6 +24,7 @@ from lightning_txopt.callbacks.gradient_checkpointing import (
 )
 from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, SharingResult, layer_mapping, share_layers
 from lightning_txopt.callbacks.throughput import TokenThroughputMonitor, batch_token_counts, device_token_counts
+from lightning_txopt.callbacks.token_budget import StepProber, TokenBudgetFinder, fit_checkpointing
 
 __all__ = [
     "AccumulationScheduler",
@@ -33,6 +34,8 @@ __all__ = [
     "GradientCheckpointing",
     "ParameterSharing",
     "SharingResult",
+    "StepProber",
+    "TokenBudgetFinder",
     "TokenThroughputMonitor",
     "batch_token_counts",
     "device_token_counts",
@@ -44,6 +47,7 @@ __all__ = [
     "estimated_optimizer_steps",
     "factor_at",
     "find_input_embeddings",
+    "fit_checkpointing",
     "freeze_embeddings",
     "layer_mapping",
     "selective_checkpointing_available",

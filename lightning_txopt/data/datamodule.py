@@ -312,6 +312,28 @@ class BucketDataModule(pl.LightningDataModule):
         return 64
 
     @property
+    def min_token_budget(self) -> int:
+        """The smallest usable training budget: one packed row, or the longest training sample rounded up to 64."""
+        if self.strategy == "packed":
+            return self.pack_length
+        longest = int(self.planned_lengths("train").max())
+        return -(-longest // 64) * 64
+
+    def planned_lengths(self, split: str = "train") -> np.ndarray:
+        """The lengths a split's plan budgets on: the widths the collator pads to.
+
+        ``max_length`` for ``"fixed"``, ladder rungs and multiples otherwise: a token budget then holds for padded
+        batches.
+        """
+        lengths = self.lengths(split)
+        if self.strategy == "fixed":
+            assert self.max_length is not None
+            return np.full_like(lengths, self.max_length)
+        if self._padding is not None:
+            return self._padding.padded_lengths(lengths)
+        return lengths
+
+    @property
     def pack_length(self) -> int:
         """Width of packed rows.
 
@@ -406,13 +428,7 @@ class BucketDataModule(pl.LightningDataModule):
 
     def make_sampler(self, split: str, max_tokens: int | None = None) -> BucketBatchSampler:
         """The batch sampler of a split (training: shuffled, with ``drop_last``; others: ordered)."""
-        lengths = self.lengths(split)
-        if self.strategy == "fixed":
-            assert self.max_length is not None
-            lengths = np.full_like(lengths, self.max_length)
-        elif self._padding is not None:
-            # plan on the widths the collator pads to (ladder rungs, multiples), so that budgets hold when padded
-            lengths = self._padding.padded_lengths(lengths)
+        lengths = self.planned_lengths(split)
         train = split == "train"
         budget = max_tokens if max_tokens is not None else self._budget(split)
         num_replicas, rank = self._world()
@@ -470,18 +486,21 @@ class BucketDataModule(pl.LightningDataModule):
     def probe_batches(self, max_tokens: int) -> list[dict[str, Any]]:
         """Collated training batches with the worst-case shapes the plan makes at a budget of ``max_tokens``.
 
-        The widest batch and the batch with the most rows (packed: the most samples), of real samples, on the CPU:
-        what :class:`~lightning_txopt.callbacks.TokenBudgetFinder` runs its probe steps on.
+        The widest batch, the batch with the most rows (packed: the most samples) and the batch with the most padded
+        tokens, of real samples, on the CPU: what :class:`~lightning_txopt.callbacks.TokenBudgetFinder` runs its probe
+        steps on.
         """
         sampler = self.make_sampler("train", max_tokens=max_tokens)
         plan = sampler.plan(0)
-        lengths = self.lengths("train")
-        batches = [plan.batch(b) for b in range(plan.num_batches)]
-        widest = max(range(len(batches)), key=lambda b: int(lengths[batches[b]].max()))
-        fullest = max(range(len(batches)), key=lambda b: batches[b].size)
+        lengths = self.planned_lengths("train")
+        widths = plan.max_lengths(lengths)
+        sizes = plan.sizes
+        widest, fullest = int(np.argmax(widths)), int(np.argmax(sizes))
+        largest = int(np.argmax(sizes * widths))  # padded tokens (packed: rows x width, about the same for all)
         collate = self.collator_for("train", max_tokens=max_tokens)
         dataset = self.datasets["train"]
-        return [collate([dataset[int(i)] for i in batches[b]]) for b in dict.fromkeys((widest, fullest))]
+        chosen = dict.fromkeys((widest, fullest, largest))
+        return [collate([dataset[int(i)] for i in plan.batch(b)]) for b in chosen]
 
     def padding_report(self, split: str = "train") -> list[PaddingRow]:
         """:func:`~lightning_txopt.data.report.padding_report` of a split with this module's batching options."""

@@ -360,6 +360,8 @@ class TextDataModule(BucketDataModule):
             raise ValueError(f"`max_length` must be a positive integer (e.g. 512), got {max_length!r}.")
         for key in ("batch_size", "max_tokens", "eval_batch_size", "eval_max_tokens"):
             value = kwargs.get(key)
+            if key == "max_tokens" and value == "auto":  # TokenBudgetFinder sets it at fit start
+                continue
             if value is not None and not (_is_int(value) and value >= 1):
                 raise ValueError(f"`{key}` must be a positive integer or None, got {value!r}.")
         tok = load_tokenizer(tokenizer)

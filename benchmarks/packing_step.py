@@ -1,0 +1,129 @@
+"""Training-step rate of bucketed vs packed varlen vs packed static shapes + compile, on pre-collated batches.
+
+    python benchmarks/packing_step.py                # H200, BERT-base shape, 16,384 tokens per batch (~2 minutes)
+    python benchmarks/packing_step.py --quick        # CPU smoke run (tiny BERT)
+
+Isolates the model step from the data path: 50 batches of each layout are collated and moved to the GPU first, then
+every case trains 15 untimed steps (compilation included) and 4 timed windows of 30 steps in ABBA order, with
+``TransformerModule.loss_and_items`` under bf16 autocast, fused AdamW. Token ids are random with the embedded corpus's
+real lengths (``tests/data/fortune_lengths.npy``); cuDNN attention is off (its per-shape plan cost would dominate
+bucketed batches). Reported: real tokens/s per case (median of the 4 windows) and the ratio to the bucketed case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_txopt import BucketDataModule, TransformerModule
+
+LENGTHS = Path(__file__).parents[1] / "tests" / "data" / "fortune_lengths.npy"
+BERT_BASE = dict(
+    model_type="bert",
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=512,
+    attention_probs_dropout_prob=0.0,
+)
+TINY = dict(BERT_BASE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+class Case:
+    """One layout: its pre-collated batches, a fresh model and optimizer, and its timed windows."""
+
+    def __init__(self, name: str, samples: list[dict], tokens: int, config: dict, dm: dict, module: dict) -> None:
+        self.name = name
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        data = BucketDataModule(samples, pad_token_id=0, max_tokens=tokens, **dm)
+        data.setup("fit")
+        self.batches: list[dict[str, Any]] = []
+        for batch in data.train_dataloader():
+            self.batches.append({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            if len(self.batches) == 50:
+                break
+        self.real = [
+            int(b["cu_seq_lens"][-1]) if "cu_seq_lens" in b else int(b["attention_mask"].sum()) for b in self.batches
+        ]
+        torch.manual_seed(0)
+        self.module = TransformerModule(config=config, num_labels=40, **module).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-5, fused=self.device.type == "cuda")
+        self.step_count = 0
+        self.rates: list[float] = []
+
+    def step(self) -> int:
+        i = self.step_count % len(self.batches)
+        self.step_count += 1
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss, _, _ = self.module.loss_and_items(self.batches[i], "mean")
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.real[i]
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, steps: int) -> None:
+        self.sync()
+        start = time.perf_counter()
+        tokens = sum(self.step() for _ in range(steps))
+        self.sync()
+        self.rates.append(tokens / (time.perf_counter() - start))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384, help="max_tokens of every layout")
+    parser.add_argument("--steps", type=int, default=30, help="steps per timed window")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps (CPU smoke run)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    rng = np.random.default_rng(0)
+    lengths = np.load(LENGTHS)[: 600 if args.quick else None]
+    samples = [{"input_ids": rng.integers(1000, 30000, int(n)), "labels": int(rng.integers(40))} for n in lengths]
+    config = TINY if args.quick else BERT_BASE
+    tokens, steps = (2048, 3) if args.quick else (args.tokens, args.steps)
+    packed = dict(strategy="packed", max_length=512)
+    cases = [
+        Case("bucket sdpa eager", samples, tokens, config, dict(strategy="bucket"), dict(attn_implementation="sdpa")),
+        Case("packed varlen eager", samples, tokens, config, packed, {}),
+        Case("packed static compile", samples, tokens, config, dict(packed, static_shapes=True), dict(compile=True)),
+    ]
+    for case in cases:
+        start = time.perf_counter()
+        for _ in range(3 if args.quick else 15):
+            case.step()
+        case.sync()
+        print(f"{case.name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
+    for repeat in range(4):
+        for case in cases if repeat % 2 == 0 else cases[::-1]:
+            case.timed(steps)
+    base = float(np.median(cases[0].rates))
+    rows = [
+        dict(
+            name=c.name,
+            median=round(float(np.median(c.rates))),
+            runs=[round(r) for r in c.rates],
+            x_bucket=round(float(np.median(c.rates)) / base, 3),
+        )
+        for c in cases
+    ]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tokens": tokens, "steps": steps, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,588 @@
+"""TokenBudgetFinder on CPU with a fake memory probe (SavedTensorsMemory: activation bytes, simulated OOM).
+
+References: a run without the finder at the budget it found (identical weights: the probes left no trace), a run
+resumed from a checkpoint (the saved budget, no probe), an exhaustive scan of budgets (the largest that fits), and
+two gloo ranks of which one runs out of memory sooner (they agree, nobody hangs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_txopt import TokenBudgetFinder, TransformerModule
+from lightning_txopt.callbacks import (
+    StepProber,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    fit_checkpointing,
+)
+from lightning_txopt.callbacks.token_budget import _check_strategy, _logging_discarded
+from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
+from lightning_txopt.memory import SavedTensorsMemory, checkpointing_candidates
+from tests.helpers import BERT_DICT, ModelModule, cpu_trainer, make_samples, tiny_bert
+
+CONFIG = {**BERT_DICT, "hidden_dropout_prob": 0.1}  # dropout on: the probes must restore the random generators
+SAMPLES = make_samples(160, seed=1, max_len=40)
+CAPACITY = 1_000_000  # activation bytes of the pretend device: ~500 tokens fit (the data holds ~1,900)
+
+
+class BudgetDataModule(pl.LightningDataModule):
+    """A DataModule that follows the token-budget protocol of ``BucketDataModule(max_tokens="auto")``.
+
+    Stand-in until main's BucketDataModule implements it: ``max_tokens`` is ``"auto"`` until
+    ``set_token_budget``; ``probe_batches`` collates the widest batch, the one with the most rows and the one with
+    the most padded tokens of the (shuffled) plan at a budget; ``token_budget_multiple``; ``min_token_budget``.
+    """
+
+    def __init__(self, samples: list[dict], max_tokens: int | str = "auto", multiple: int = 8) -> None:
+        super().__init__()
+        self.samples = [{k: v for k, v in s.items() if k != "idx"} for s in samples]
+        self.lengths = np.array([len(s["input_ids"]) for s in samples])
+        self.max_tokens = max_tokens
+        self.token_budget_multiple = multiple
+        self.min_token_budget = -(-int(self.lengths.max()) // multiple) * multiple
+        self.collate = PaddingCollator(0)
+        self.probed: list[int] = []
+
+    def set_token_budget(self, max_tokens: int) -> None:
+        if not isinstance(max_tokens, int) or max_tokens % self.token_budget_multiple:
+            raise ValueError(f"bad budget {max_tokens!r}")
+        self.max_tokens = max_tokens
+
+    def _plan(self, budget: int, **kwargs: Any) -> BucketBatchSampler:
+        return BucketBatchSampler(self.lengths, max_tokens=budget, seed=0, **kwargs)
+
+    def probe_batches(self, max_tokens: int) -> list[dict[str, torch.Tensor]]:
+        self.probed.append(max_tokens)
+        plan = [list(b) for b in self._plan(max_tokens, num_replicas=1, rank=0)]
+        width = [int(self.lengths[b].max()) for b in plan]
+        picks = {int(np.argmax(width)), int(np.argmax([len(b) for b in plan]))}
+        picks.add(int(np.argmax([len(b) * w for b, w in zip(plan, width)])))
+        return [self.collate([self.samples[i] for i in plan[j]]) for j in sorted(picks)]
+
+    def train_dataloader(self) -> Any:
+        if self.max_tokens == "auto":
+            raise RuntimeError("max_tokens='auto': add TokenBudgetFinder to the Trainer's callbacks.")
+        trainer = self.trainer
+        replicas = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer else {}
+        sampler = self._plan(int(self.max_tokens), **replicas)
+        return torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=self.collate)
+
+
+class RankMemory(SavedTensorsMemory):
+    """Rank 1's device holds ``oom_bytes`` only (another process uses the rest): it runs out of memory below the
+    limit both ranks agreed on. Records the live bytes of each such out-of-memory error."""
+
+    def __init__(self, capacity: int, oom_bytes: int) -> None:
+        super().__init__(capacity)
+        self.oom_bytes = oom_bytes
+        self.ooms: list[int] = []
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = super()._pack(tensor)
+        if torch.distributed.get_rank() == 1 and self._live > self.oom_bytes:
+            self.ooms.append(self._live)
+            raise torch.OutOfMemoryError("simulated: rank 1 is full")
+        return out
+
+
+class OutOfMemoryAt(SavedTensorsMemory):
+    """Runs out of memory (simulated, in the middle of the forward pass) in the n-th probe, whatever its size."""
+
+    def __init__(self, capacity: int, probe: int) -> None:
+        super().__init__(capacity)
+        self.probe, self.blocks = probe, 0
+
+    def tracking(self, device: torch.device) -> Any:
+        self.blocks += 1
+        return super().tracking(device)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = super()._pack(tensor)
+        if self.blocks == self.probe and self._live > 10_000:
+            raise torch.OutOfMemoryError("simulated: this probe runs out of memory")
+        return out
+
+
+def module(**kwargs: Any) -> TransformerModule:
+    torch.manual_seed(0)
+    defaults: dict[str, Any] = dict(config=CONFIG, num_labels=3, learning_rate=1e-3, warmup=0)
+    defaults.update(kwargs)
+    return TransformerModule(**defaults)
+
+
+def plain() -> ModelModule:
+    """Any LightningModule (here AdamW at a constant LR, no dropout: Lightning does not checkpoint generators)."""
+    return ModelModule(tiny_bert(num_hidden_layers=2), optimizer="adamw", lr=1e-3)
+
+
+def finder(**kwargs: Any) -> TokenBudgetFinder:
+    kwargs.setdefault("memory", SavedTensorsMemory(CAPACITY))
+    return TokenBudgetFinder(**kwargs)
+
+
+def params(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(max_memory_fraction=0.0), "max_memory_fraction"),
+        (dict(max_memory_fraction=1.5), "max_memory_fraction"),
+        (dict(min_tokens=0), "min_tokens"),
+        (dict(max_tokens=-64), "max_tokens"),
+        (dict(multiple=True), "multiple"),
+        (dict(min_tokens=1024, max_tokens=512), "min_tokens"),
+        (dict(probe_steps=0), "probe_steps"),
+        (dict(max_probes=0), "max_probes"),
+        (dict(tolerance=1.0), "tolerance"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TokenBudgetFinder(**kwargs)
+
+
+def test_unsupported_strategy_is_refused():
+    class Fake:
+        strategy = object()
+
+    with pytest.raises(ValueError, match="probes single-device and DDP"):
+        _check_strategy(Fake(), "TokenBudgetFinder")  # type: ignore[arg-type]
+
+
+def test_needs_the_datamodule_protocol():
+    dm = pl.LightningDataModule.from_datasets(train_dataset=SAMPLES, batch_size=4)
+    with pytest.raises(ValueError, match="lacks"):
+        cpu_trainer(max_steps=1, callbacks=[finder()]).fit(module(), datamodule=dm)
+
+
+def test_refuses_a_fixed_budget():
+    with pytest.raises(ValueError, match="max_tokens='auto'"):
+        cpu_trainer(max_steps=1, callbacks=[finder()]).fit(module(), datamodule=BudgetDataModule(SAMPLES, 256))
+
+
+def test_refuses_manual_optimisation():
+    class Manual(TransformerModule):
+        def __init__(self) -> None:
+            super().__init__(config=CONFIG, num_labels=3)
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="automatic optimisation"):
+        cpu_trainer(max_steps=1, callbacks=[finder()]).fit(Manual(), datamodule=BudgetDataModule(SAMPLES))
+
+
+def test_multiple_must_be_a_multiple_of_the_datamodules():
+    with pytest.raises(ValueError, match="not a multiple of the DataModule's token_budget_multiple=8"):
+        cpu_trainer(max_steps=1, callbacks=[finder(multiple=12)]).fit(module(), datamodule=BudgetDataModule(SAMPLES))
+
+
+def test_needs_cuda_by_default():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        cpu_trainer(max_steps=1, callbacks=[TokenBudgetFinder()]).fit(module(), datamodule=BudgetDataModule(SAMPLES))
+
+
+def test_nothing_fits():
+    with pytest.raises(RuntimeError, match="even min_tokens=40"):
+        cpu_trainer(max_steps=1, callbacks=[finder(memory=SavedTensorsMemory(10_000))]).fit(
+            module(), datamodule=BudgetDataModule(SAMPLES)
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the search, exact
+def _fit(callbacks: list[Callback], dm: pl.LightningDataModule, steps: int = 6, **kwargs: Any) -> TransformerModule:
+    m = kwargs.pop("model", None) or module()
+    cpu_trainer(max_steps=steps, callbacks=callbacks, **kwargs).fit(m, datamodule=dm)
+    return m
+
+
+def test_finds_a_budget_and_leaves_no_trace():
+    """The run with the finder equals a run without it at the budget it found: weights, optimizer, generators."""
+    f = finder(memory=OutOfMemoryAt(CAPACITY, probe=2))  # the second probe fails mid-forward
+    dm = BudgetDataModule(SAMPLES)
+    with_finder = _fit([f], dm)
+    assert f.budget is not None and dm.max_tokens == f.budget and f.budget % 8 == 0
+    assert f.search is not None and f.search.stopped == "bracketed"
+    assert any(peak is None for _, peak in f.search.probes)  # a simulated OOM happened and was recovered from
+    assert dm.probed == [b for b, _ in f.search.probes]
+    reference = _fit([], BudgetDataModule(SAMPLES, f.budget))
+    assert_same(params(with_finder), params(reference))
+
+
+def test_chosen_budget_against_an_exhaustive_scan():
+    """The largest multiple of 8 whose probe batches fit, scanned one by one: the finder is within its tolerance."""
+    f = finder(tolerance=0.02)
+    _fit([f], BudgetDataModule(SAMPLES), steps=1)
+    assert f.search is not None and f.budget is not None
+    limit = 0.9 * CAPACITY
+    memory = SavedTensorsMemory(10**12)
+    m = module()
+    dm = BudgetDataModule(SAMPLES)
+
+    def peak(budget: int) -> int:
+        worst = 0
+        for batch in dm.probe_batches(budget):
+            with memory.tracking(torch.device("cpu")):
+                m.loss_and_items(batch, "mean")[0].backward()
+            worst = max(worst, memory.peak(torch.device("cpu")))
+        return worst
+
+    best = max(b for b in range(40, 2 * f.budget, 8) if peak(b) <= limit)
+    assert f.budget <= best and f.budget >= best * (1 - 0.02) - 8
+    assert abs(f.search.peak_of(f.budget) - peak(f.budget)) / peak(f.budget) < 0.05  # the probe measured the same
+
+
+class _Peaks(Callback):
+    """Measures every training step with a SavedTensorsMemory (simulated OOM at its capacity)."""
+
+    def __init__(self, memory: SavedTensorsMemory) -> None:
+        self.memory, self.peaks, self._ctx = memory, [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._ctx = self.memory.tracking(torch.device("cpu"))
+        self._ctx.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._ctx.__exit__(None, None, None)
+        self.peaks.append(self.memory.peak(torch.device("cpu")))
+
+
+def test_the_found_budget_never_runs_out_of_memory_over_three_epochs():
+    f = finder()
+    peaks = _Peaks(SavedTensorsMemory(CAPACITY))  # raises torch.OutOfMemoryError past the capacity
+    _fit([f, peaks], BudgetDataModule(SAMPLES), steps=-1, max_epochs=3)
+    assert peaks.peaks and max(peaks.peaks) <= 0.9 * CAPACITY
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16-mixed", "accumulate"])
+def test_exact_under_mixed_precision_and_accumulation(precision):
+    """fp16 (GradScaler state restored), bf16 autocast, and two-batch accumulation windows."""
+    kwargs: dict[str, Any] = {}
+    if precision == "fp16":
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu")]
+    elif precision == "bf16-mixed":
+        kwargs["precision"] = "bf16-mixed"
+    else:
+        kwargs["accumulate_grad_batches"] = 2
+    f = finder()
+    trainer_kwargs = copy.copy(kwargs)
+    with_finder = _fit([f], BudgetDataModule(SAMPLES), steps=4, **trainer_kwargs)
+    if precision == "fp16":
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu")]
+    reference = _fit([], BudgetDataModule(SAMPLES, f.budget), steps=4, **kwargs)
+    assert_same(params(with_finder), params(reference))
+
+
+def test_restores_state_exactly_before_training():
+    """Around the probes alone (max_steps=0): weights, optimizer state (empty), GradScaler and generators as in the
+    same fit without the finder."""
+
+    def fit(callbacks: list[Callback], dm: pl.LightningDataModule) -> tuple[Any, ...]:
+        m = module()
+        plugin = MixedPrecision("16-mixed", "cpu")
+        torch.manual_seed(123)
+        trainer = cpu_trainer(max_steps=0, callbacks=callbacks, plugins=[plugin])
+        trainer.fit(m, datamodule=dm)
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        state = trainer.optimizers[0].state_dict()["state"]
+        return params(m), state, plugin.scaler.get_scale(), grads, torch.get_rng_state()
+
+    f = finder()
+    weights, state, scale, grads, rng = fit([f], BudgetDataModule(SAMPLES))
+    assert f.search is not None and len(f.search.probes) > 2
+    ref_weights, ref_state, ref_scale, _, ref_rng = fit([], BudgetDataModule(SAMPLES, f.budget))
+    assert_same(weights, ref_weights)
+    assert torch.equal(rng, ref_rng)
+    assert state == ref_state == {} and scale == ref_scale and grads == []
+
+
+def test_logs_and_checkpoints_the_budget_and_resumes_without_probing(tmp_path):
+    f = finder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    trainer = cpu_trainer(max_epochs=1, callbacks=[f, ckpt], enable_checkpointing=True)
+    first = plain()
+    trainer.fit(first, datamodule=BudgetDataModule(SAMPLES))
+    assert trainer.callback_metrics["token_budget"] == f.budget
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["TokenBudgetFinder"]
+    assert state["max_tokens"] == f.budget and len(state["probes"]) == len(f.search.probes)
+
+    resumed_finder = finder(memory=SavedTensorsMemory(10))  # would find nothing: it must not probe
+    dm = BudgetDataModule(SAMPLES)
+    resumed = plain()
+    cpu_trainer(max_epochs=2, callbacks=[resumed_finder]).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "last.ckpt")
+    assert dm.probed == [] and dm.max_tokens == f.budget and resumed_finder.budget == f.budget
+
+    reference = plain()
+    cpu_trainer(max_epochs=2).fit(reference, datamodule=BudgetDataModule(SAMPLES, f.budget))
+    assert_same(params(resumed), params(reference))
+
+
+def test_resume_conflicting_with_a_fixed_budget():
+    f = finder()
+    f.load_state_dict({"max_tokens": 256})
+    with pytest.raises(ValueError, match="conflicts with the budget TokenBudgetFinder saved"):
+        _fit([f], BudgetDataModule(SAMPLES, 512), steps=1)
+
+
+def test_bounds_and_granularity():
+    f = finder(min_tokens=64, max_tokens=200, multiple=32)
+    dm = BudgetDataModule(SAMPLES)
+    _fit([f], dm, steps=1)
+    assert f.search is not None and f.search.stopped == "max_tokens"
+    assert f.budget == 192 and all(b % 32 == 0 and 64 <= b <= 192 for b, _ in f.search.probes)
+
+
+def test_logging_is_discarded_inside_probes_only():
+    m = module()
+    with _logging_discarded(m):
+        assert m.log("x", 1.0) is None and m.log_dict({"x": 1.0}) is None
+    assert "log" not in vars(m) and "log_dict" not in vars(m)
+    assert m.log.__func__ is pl.LightningModule.log  # type: ignore[attr-defined]
+
+
+def test_a_module_that_does_not_step_is_refused():
+    class NoStep(TransformerModule):
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            pass
+
+    m = NoStep(config=CONFIG, num_labels=3)
+    with pytest.raises(RuntimeError, match=r"did not call optimizer\.step"):
+        _fit([finder()], BudgetDataModule(SAMPLES), steps=1, model=m)
+
+
+# ---------------------------------------------------------------------------------------------- two ranks
+class _Record(Callback):
+    def __init__(self, out: str, f: TokenBudgetFinder) -> None:
+        self.out, self.f = out, f
+
+    def on_train_start(self, trainer, pl_module):
+        search = self.f.search
+        record = {
+            "budget": self.f.budget,
+            "dm": trainer.datamodule.max_tokens,
+            "probes": search.probes if search else None,
+            "ooms": self.f.memory.ooms,
+        }
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.ddp
+def test_two_ranks_agree_when_one_runs_out_of_memory(tmp_path):
+    f = finder(memory=RankMemory(CAPACITY, oom_bytes=CAPACITY // 3))
+    trainer = cpu_trainer(
+        max_steps=1, devices=2, strategy="ddp_spawn", use_distributed_sampler=False, callbacks=[f, _Record(tmp_path, f)]
+    )
+    trainer.fit(module(), datamodule=BudgetDataModule(SAMPLES))
+    ranks = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["budget"] == ranks[1]["budget"] == ranks[0]["dm"] == ranks[1]["dm"]
+    assert ranks[0]["probes"] == ranks[1]["probes"]  # the same agreed measurements on both ranks
+    assert ranks[1]["ooms"] and not ranks[0]["ooms"]  # rank 1 ran out of memory, rank 0 did not
+    # the agreed answer is what rank 1 can hold: a single-process search limited to CAPACITY // 3 agrees
+    alone = finder(memory=SavedTensorsMemory(CAPACITY // 3), max_memory_fraction=1.0)
+    _fit([alone], BudgetDataModule(SAMPLES), steps=1)
+    assert alone.budget is not None and ranks[0]["budget"] <= alone.budget * 1.03 + 8
+    assert ranks[0]["budget"] >= alone.budget * 0.97 - 8
+
+
+# ---------------------------------------------------------------------------------------------- checkpointing
+class _AutoCheckpointing(Callback):
+    """What GradientCheckpointing(every_n_layers="auto") does at fit start: fit_checkpointing on the model."""
+
+    def __init__(self, memory: SavedTensorsMemory) -> None:
+        self.memory, self.choice = memory, None
+
+    def on_fit_start(self, trainer, pl_module):
+        model = pl_module.model
+
+        def apply(n: int | None) -> None:
+            disable_gradient_checkpointing(model)
+            if n is not None:
+                enable_gradient_checkpointing(model, every_n_layers=n)
+
+        blocks = model.config.num_hidden_layers
+        self.choice = fit_checkpointing(trainer, pl_module, apply, blocks, memory=self.memory)
+
+
+def _deep(**kwargs: Any) -> TransformerModule:
+    return module(config={**CONFIG, "num_hidden_layers": 6}, **kwargs)
+
+
+def test_checkpointing_to_a_memory_target():
+    """The fewest checkpointed blocks that fit, against an exhaustive measurement of every candidate."""
+    budget = 320
+    m = _deep()
+    memory = SavedTensorsMemory(10**12)
+    dm = BudgetDataModule(SAMPLES, budget)
+
+    def peak(n: int | None) -> int:
+        disable_gradient_checkpointing(m.model)
+        if n is not None:
+            enable_gradient_checkpointing(m.model, every_n_layers=n)
+        worst = 0
+        for batch in dm.probe_batches(budget):
+            with memory.tracking(torch.device("cpu")):
+                m.loss_and_items(batch, "mean")[0].backward()
+            worst = max(worst, memory.peak(torch.device("cpu")))
+        return worst
+
+    measured = {n: peak(n) for n in [None, *[n for _, n in checkpointing_candidates(6)]]}
+    capacity = int(measured[3] / 0.9) + 1  # every 3rd block (2 of 6) just fits 0.9 x capacity; every 6th does not
+    assert measured[6] > 0.9 * capacity
+    auto = _AutoCheckpointing(SavedTensorsMemory(capacity))
+    trained = _fit([auto], BudgetDataModule(SAMPLES, budget), steps=3, model=_deep())
+    assert auto.choice is not None and auto.choice.every_n_layers == 3 and auto.choice.checkpointed == 2
+    assert auto.choice.fits
+    # and the run is exact against checkpointing every 3rd block from the start (the probes left no trace)
+    reference = _deep()
+    enable_gradient_checkpointing(reference.model, every_n_layers=3)
+    _fit([], BudgetDataModule(SAMPLES, budget), steps=3, model=reference)
+    assert_same(params(trained), params(reference))
+
+
+def test_checkpointing_needs_a_fixed_budget():
+    with pytest.raises(ValueError, match="needs a fixed token budget"):
+        _fit([_AutoCheckpointing(SavedTensorsMemory(CAPACITY))], BudgetDataModule(SAMPLES), steps=1, model=_deep())
+
+
+def test_checkpointing_cannot_fit():
+    with pytest.raises(RuntimeError, match="even with every block checkpointed"):
+        _fit([_AutoCheckpointing(SavedTensorsMemory(1000))], BudgetDataModule(SAMPLES, 320), steps=1, model=_deep())
+
+
+def test_the_finder_with_checkpointing_finds_a_larger_budget():
+    from lightning_txopt.callbacks import GradientCheckpointing
+
+    plain, checkpointed = finder(), finder()
+    _fit([plain], BudgetDataModule(SAMPLES), steps=1, model=_deep())
+    _fit([GradientCheckpointing(), checkpointed], BudgetDataModule(SAMPLES), steps=1, model=_deep())
+    assert plain.budget is not None and checkpointed.budget is not None
+    assert checkpointed.budget > 1.5 * plain.budget
+
+
+# ---------------------------------------------------------------------------------------------- the real DataModule
+@pytest.mark.skipif(
+    not hasattr(BucketDataModule, "set_token_budget"), reason="BucketDataModule(max_tokens='auto') not on main yet"
+)
+@pytest.mark.parametrize("strategy", ["bucket", "packed"])
+def test_with_the_bucket_datamodule(strategy):
+    kwargs: dict[str, Any] = dict(pad_token_id=0, strategy=strategy, max_tokens="auto", seed=0)
+    if strategy == "packed":
+        kwargs["max_length"] = 48
+    dm = BucketDataModule(SAMPLES, **kwargs)
+    f = finder()
+    m = _fit([f], dm, steps=2)
+    assert f.budget is not None and dm.max_tokens == f.budget and f.budget % dm.token_budget_multiple == 0
+    reference = _fit([], BucketDataModule(SAMPLES, **{**kwargs, "max_tokens": f.budget}), steps=2)
+    assert_same(params(m), params(reference))
+
+
+def test_step_prober_needs_one_optimizer():
+    class Trainer:
+        def __init__(self) -> None:
+            self.optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2)]
+
+    with pytest.raises(ValueError, match="exactly one optimizer"):
+        StepProber(Trainer(), module(), SavedTensorsMemory(10))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HOLD = 2**24  # bytes per padded token that _Greedy holds through its forward: an H200 fills at ~8,000 tokens
+
+
+class _Greedy(TransformerModule):
+    """A tiny model that takes 16 MiB per padded token: real out-of-memory errors at a few thousand tokens."""
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hold = torch.empty(batch["input_ids"].numel() * HOLD, dtype=torch.uint8, device=self.device)
+        loss = super().training_step(batch, batch_idx)
+        del hold
+        return loss
+
+
+def _greedy() -> _Greedy:
+    torch.manual_seed(0)
+    return _Greedy(config=CONFIG, num_labels=3, learning_rate=1e-3, warmup=0, attn_implementation="eager")
+
+
+GPU_SAMPLES = make_samples(4000, seed=2, max_len=40)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_budget_near_the_limit():
+    f = TokenBudgetFinder()
+    dm = BudgetDataModule(GPU_SAMPLES)
+    trainer = cpu_trainer(accelerator="cuda", max_steps=5, callbacks=[f], plugins=[MixedPrecision("16-mixed", "cuda")])
+    trainer.fit(_greedy(), datamodule=dm)
+    assert f.search is not None and f.budget is not None and f.seconds is not None
+    assert f.search.stopped == "bracketed" and f.seconds < 30
+    assert any(p is None or p > f.search.limit for _, p in f.search.probes)
+    capacity = f.search.limit / 0.9
+    assert f.budget * HOLD <= f.search.limit and (f.budget + 8) * HOLD > 0.85 * capacity  # near the limit
+    assert trainer.global_step == 5  # trained at the found budget without running out of memory
+
+
+class _ProbeTwice(Callback):
+    """At fit start: a probe that runs out of memory for real (20,000 tokens x 16 MiB), then one that fits."""
+
+    def on_fit_start(self, trainer, pl_module):
+        from lightning_txopt.memory import CudaMemory
+
+        dm = trainer.datamodule
+        prober = StepProber(trainer, pl_module, CudaMemory())
+        before = params(pl_module)
+        with prober.preserving_state():
+            self.huge = prober.measure(lambda: dm.probe_batches(20_000))
+            self.small = prober.measure(lambda: dm.probe_batches(512))
+        after = params(pl_module)
+        self.same = all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_probe_recovers_from_a_real_out_of_memory_error():
+    probe = _ProbeTwice()
+    trainer = cpu_trainer(accelerator="cuda", max_steps=2, callbacks=[probe])
+    trainer.fit(_greedy(), datamodule=BudgetDataModule(GPU_SAMPLES, 512))
+    assert probe.huge is None and probe.small is not None and probe.small > 512 * HOLD
+    assert probe.same and trainer.global_step == 2
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_restores_state_exactly():
+    def fit(callbacks: list[Callback], dm: pl.LightningDataModule) -> tuple[Any, ...]:
+        m = _greedy()
+        plugin = MixedPrecision("16-mixed", "cuda")
+        torch.manual_seed(7)
+        torch.cuda.manual_seed(7)
+        trainer = cpu_trainer(accelerator="cuda", max_steps=0, callbacks=callbacks, plugins=[plugin])
+        trainer.fit(m, datamodule=dm)
+        state = trainer.optimizers[0].state_dict()["state"]
+        return params(m), state, plugin.scaler.get_scale(), torch.cuda.get_rng_state(), torch.get_rng_state()
+
+    f = TokenBudgetFinder()
+    weights, state, scale, cuda_rng, cpu_rng = fit([f], BudgetDataModule(GPU_SAMPLES))
+    ref = fit([], BudgetDataModule(GPU_SAMPLES, f.budget))
+    assert_same(weights, ref[0])
+    assert state == ref[1] == {} and scale == ref[2]
+    assert torch.equal(cuda_rng, ref[3]) and torch.equal(cpu_rng, ref[4])
