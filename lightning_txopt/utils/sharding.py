@@ -16,6 +16,7 @@ import (the class of ``checkpoint_wrapper``'s modules) is isolated in :func:`che
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ __all__ = [
     "is_sharded_unit",
     "local_numel",
     "local_tensor",
+    "policy_text",
     "policy_wraps",
     "sharded_units",
     "sharding_kind",
@@ -69,10 +71,30 @@ def strategy_description(strategy: Any) -> str:
     shown = []
     policy = kwargs.get("auto_wrap_policy")
     if policy is not None:
-        shown.append(f"auto_wrap_policy={policy!r}")
+        shown.append(f"auto_wrap_policy={policy_text(policy)}")
     if kwargs.get("use_orig_params") is False:
         shown.append("use_orig_params=False")
     return f"{name}({', '.join(shown)})"
+
+
+def policy_text(policy: Any) -> str:
+    """An ``auto_wrap_policy`` as a user writes it: ``{BertLayer}`` for a set or a ``ModuleWrapPolicy``, else its repr.
+
+    A ``ModuleWrapPolicy`` (what Lightning builds from a set of classes) is read from its public ``repr``.
+
+    Example:
+        >>> from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        >>> policy_text(ModuleWrapPolicy({nn.Linear}))
+        '{Linear}'
+    """
+    if isinstance(policy, set | frozenset):
+        return "{" + ", ".join(sorted(c.__name__ for c in policy)) + "}"
+    text = repr(policy)
+    found = re.search(r"\(\{(.*)\}\)$", text)
+    if type(policy).__name__ == "ModuleWrapPolicy" and found:
+        names = sorted(n.rpartition(".")[2] for n in re.findall(r"<class '([^']+)'>", found.group(1)))
+        return "{" + ", ".join(names) + "}"
+    return text
 
 
 def clean_name(name: str) -> str:
