@@ -11,18 +11,28 @@ from lightning_txopt.callbacks.accumulation import (
 from lightning_txopt.callbacks.freeze_embeddings import (
     FreezeEmbeddings,
     FrozenEmbeddings,
+    FrozenMemory,
     find_input_embeddings,
     freeze_embeddings,
+    frozen_memory,
     unfreeze_embeddings,
 )
 from lightning_txopt.callbacks.gradient_checkpointing import (
     CheckpointingPlan,
     GradientCheckpointing,
+    check_not_checkpointed_twice,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     selective_checkpointing_available,
 )
-from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, SharingResult, layer_mapping, share_layers
+from lightning_txopt.callbacks.parameter_sharing import (
+    ParameterSharing,
+    SharingResult,
+    check_shared_blocks_unsplit,
+    check_sharing_wrap_policy,
+    layer_mapping,
+    share_layers,
+)
 from lightning_txopt.callbacks.throughput import TokenThroughputMonitor, batch_token_counts, device_token_counts
 
 __all__ = [
@@ -30,6 +40,7 @@ __all__ = [
     "CheckpointingPlan",
     "FreezeEmbeddings",
     "FrozenEmbeddings",
+    "FrozenMemory",
     "GradientCheckpointing",
     "ParameterSharing",
     "SharingResult",
@@ -37,6 +48,9 @@ __all__ = [
     "batch_token_counts",
     "device_token_counts",
     "causal_lm_items",
+    "check_not_checkpointed_twice",
+    "check_shared_blocks_unsplit",
+    "check_sharing_wrap_policy",
     "count_label_items",
     "count_optimizer_steps",
     "disable_gradient_checkpointing",
@@ -45,6 +59,7 @@ __all__ = [
     "factor_at",
     "find_input_embeddings",
     "freeze_embeddings",
+    "frozen_memory",
     "layer_mapping",
     "selective_checkpointing_available",
     "share_layers",

@@ -382,6 +382,11 @@ def check_shared_blocks_unsplit(
 
     Raises:
         ValueError: Naming the shared block and the module to shard instead.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+        >>> check_shared_blocks_unsplit(model, share_layers(model, num_unique_layers=2))  # no units: fine
     """
     modules = {clean_name(n): m for n, m in model.named_modules()}
     for name, mapping in zip(result.block_lists, result.mappings):

@@ -63,7 +63,13 @@ def sharding_kind(strategy: Any) -> ShardingKind | None:
 
 
 def strategy_description(strategy: Any) -> str:
-    """The strategy as a user would write it, for error messages: ``FSDPStrategy(use_orig_params=False)``."""
+    """The strategy as a user would write it, for error messages: ``FSDPStrategy(use_orig_params=False)``.
+
+    Example:
+        >>> from lightning.pytorch.strategies import FSDPStrategy
+        >>> strategy_description(FSDPStrategy(auto_wrap_policy={nn.TransformerEncoderLayer}))
+        'FSDPStrategy(auto_wrap_policy={TransformerEncoderLayer})'
+    """
     name = type(strategy).__name__
     if sharding_kind(strategy) != "fsdp":
         return name
@@ -135,7 +141,12 @@ def is_sharded_unit(module: nn.Module) -> bool:
 
 
 def sharded_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP units in ``model`` (itself included), in module order; see :func:`is_sharded_unit`."""
+    """The FSDP units in ``model`` (itself included), in module order; see :func:`is_sharded_unit`.
+
+    Example:
+        >>> sharded_units(nn.Sequential(nn.Linear(2, 2)))  # nothing sharded
+        []
+    """
     return [m for m in model.modules() if is_sharded_unit(m)]
 
 
@@ -143,6 +154,11 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``tensor``: the local shard of a ``DTensor`` (FSDP2), else ``tensor`` itself.
 
     In-place changes to the result change the ``DTensor``.
+
+    Example:
+        >>> t = torch.ones(2)
+        >>> local_tensor(t) is t
+        True
     """
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
@@ -164,6 +180,10 @@ def checkpoint_wrapper_type() -> type[nn.Module] | None:
     The one private torch import of the library: ``CheckpointWrapper`` lives in
     ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper`` (where Lightning imports it from too). A test
     (``tests/utils/test_sharding.py``) fails if it moves.
+
+    Example:
+        >>> checkpoint_wrapper_type().__name__
+        'CheckpointWrapper'
     """
     try:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -205,6 +225,12 @@ def gradient_free_in_units(model: nn.Module) -> set[int]:
     (PyTorch #104967); only a unit whose own parameters (those not inside a nested unit) are all frozen has no
     gradient. Without FSDP1 units in ``model``: every frozen parameter (DDP and FSDP2 allocate gradients per
     trainable parameter).
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+        >>> _ = model[0].weight.requires_grad_(False)
+        >>> gradient_free_in_units(model) == {id(model[0].weight)}  # no FSDP1 unit
+        True
     """
     fsdp1 = _fsdp1_class()
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
