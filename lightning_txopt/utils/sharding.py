@@ -129,6 +129,17 @@ def _fsdp2_class() -> type | None:
     return FSDPModule
 
 
+def is_fsdp2_module(module: nn.Module) -> bool:
+    """Whether ``module`` was sharded with FSDP2's ``fully_shard`` (it is then an ``FSDPModule``).
+
+    Example:
+        >>> is_fsdp2_module(nn.Linear(2, 2))
+        False
+    """
+    fsdp2 = _fsdp2_class()
+    return fsdp2 is not None and isinstance(module, fsdp2)
+
+
 def is_sharded_unit(module: nn.Module) -> bool:
     """Whether ``module`` is an FSDP unit: an FSDP1 ``FullyShardedDataParallel`` or an FSDP2 ``fully_shard``-ed module.
 
