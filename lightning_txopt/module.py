@@ -36,6 +36,7 @@ from lightning_txopt.models.packing import (
     packed_model_inputs,
 )
 from lightning_txopt.utils.checks import check_positive_int
+from lightning_txopt.utils.sharding import clean_name, is_fsdp2_module
 
 __all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
 
@@ -208,6 +209,10 @@ class TransformerModule(pl.LightningModule):
         self._compiled: dict[str, Any] = {}  # torch.compile wrappers, kept out of the module tree (and state_dict)
         self._dropout_checked = False
         self._batch: dict[str, Any] | None = None
+        # decided on the unwrapped model (FSDP1 shards parameters into 1-D views of one flat tensor later): weight
+        # decay on weight matrices, not on biases and norms; the parameter count FLOP estimates use
+        self._decays = {n for n, p in self.named_parameters() if not (p.ndim < 2 or "norm" in n.lower())}
+        self._non_embedding_params = int(hf_model.num_parameters(exclude_embeddings=True))
         num_classes = int(hf_model.config.num_labels)
         for stage in ("val", "test"):  # metrics are summed over every rank when computed
             if task == "sequence-classification":
@@ -268,6 +273,12 @@ class TransformerModule(pl.LightningModule):
     def _check_packed(self) -> PackingSupport:
         """The first packed batch checks that the model keeps packed samples apart (else a ValueError)."""
         if self._packing is None:
+            if is_fsdp2_module(self.model):
+                raise ValueError(
+                    f"{type(self.model).__name__} is sharded with FSDP2 (fully_shard): packed batches run the base "
+                    "model and the task head separately, outside the sharded root's forward. Use FSDPStrategy "
+                    "(FSDP1) or strategy='bucket' with FSDP2."
+                )
             self._packing = check_packing_support(
                 self.model, task="sequence-classification" if self.task == "sequence-classification" else "base"
             )
@@ -556,8 +567,8 @@ class TransformerModule(pl.LightningModule):
             (True, False): [],
         }
         for name, p in self.named_parameters():
-            if p.requires_grad:
-                buckets[(name in head, not (p.ndim < 2 or "norm" in name.lower()))].append(p)
+            if p.requires_grad:  # FSDP1 inserts wrapper segments in names (and flattens shards to 1-D views)
+                buckets[(name in head, clean_name(name) in self._decays)].append(p)
         groups = []
         for (in_head, decays), params in buckets.items():
             if params or (not in_head and decays):  # the first group always exists
@@ -602,5 +613,4 @@ class TransformerModule(pl.LightningModule):
         config = self.model.config
         layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 0)
         hidden = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0)
-        params = int(self.model.num_parameters(exclude_embeddings=True))
-        return 6.0 * params + 12.0 * layers * hidden * seq_len
+        return 6.0 * self._non_embedding_params + 12.0 * layers * hidden * seq_len

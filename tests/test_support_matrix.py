@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_txopt.callbacks import AccumulationScheduler
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.data.packing import PackingCollator
 from lightning_txopt.module import TransformerModule
@@ -29,14 +32,16 @@ BUCKET_LM = "bucketed causal LM"
 PACKED_CLS = "packed classification"
 PACKED_LM = "packed causal LM"
 PACKED_EVAL = "packed validate/test/predict"
-TECHNIQUES = [BUCKET_CLS, BUCKET_LM, PACKED_CLS, PACKED_LM, PACKED_EVAL]
+ACCUM_CLS = "token-normalised accumulation, classification"
+ACCUM_LM = "token-normalised accumulation, causal LM"
+TECHNIQUES = [BUCKET_CLS, BUCKET_LM, PACKED_CLS, PACKED_LM, PACKED_EVAL, ACCUM_CLS, ACCUM_LM]
 
 _ENCODER_DECODER = "refused: encoder-decoder (use strategy='bucket')"
 
 
 def _expected(family: str, technique: str) -> str:
     f = FAMILIES[family]
-    if technique in (BUCKET_LM, PACKED_LM) and not f.causal_lm:
+    if technique in (BUCKET_LM, PACKED_LM, ACCUM_LM) and not f.causal_lm:
         return "n/a: no causal-LM head"
     if f.encoder_decoder and technique in (PACKED_CLS, PACKED_EVAL):
         return _ENCODER_DECODER
@@ -140,6 +145,44 @@ def _check_packed_eval(family: str) -> None:
         assert_close_relative(got[i], logits, 1e-5, f"prediction {i}")
 
 
+def _check_accumulation(family: str, task: str) -> None:
+    """``AccumulationScheduler({0: 2}, normalize="tokens")`` through a Trainer: the gradient of the first update is
+    the exact window gradient (every item loss of both micro-batches over the window's item count), by hand."""
+    samples = _samples(family, task) + _samples(family, task, seed=1)
+
+    def data() -> BucketDataModule:
+        return BucketDataModule(samples, pad_token_id=0, batch_size=4, seed=3)
+
+    module = _module(family, task)
+    reference = copy.deepcopy(module.model)
+    captured: dict[str, torch.Tensor] = {}
+
+    class Capture(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+            if not captured:
+                captured.update(
+                    {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+                )
+
+    callbacks = [AccumulationScheduler({0: 2}, normalize="tokens"), Capture()]
+    cpu_trainer(max_steps=1, callbacks=callbacks, limit_val_batches=0).fit(module, datamodule=data())
+    dm = data()
+    dm.setup("fit")
+    loader = iter(dm.train_dataloader())
+    window = [next(loader), next(loader)]
+    probe = _module(family, task)
+    probe.model = reference
+    total, items = 0.0, 0
+    for batch in window:
+        loss, n, _ = probe.loss_and_items(batch, "sum")
+        total, items = total + loss, items + int(n)
+    (total / items).backward()
+    assert captured
+    for name, p in reference.named_parameters():
+        if p.grad is not None and name in captured:
+            assert_close_relative(captured[name], p.grad, 1e-5, name, atol=1e-7)
+
+
 def run_cell(family: str, technique: str) -> None:
     if technique == BUCKET_CLS:
         _check_bucketed(family, "sequence-classification")
@@ -149,6 +192,10 @@ def run_cell(family: str, technique: str) -> None:
         _check_packed(family, "sequence-classification")
     elif technique == PACKED_LM:
         _check_packed(family, "causal-lm")
+    elif technique == ACCUM_CLS:
+        _check_accumulation(family, "sequence-classification")
+    elif technique == ACCUM_LM:
+        _check_accumulation(family, "causal-lm")
     else:
         _check_packed_eval(family)
 

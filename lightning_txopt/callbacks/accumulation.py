@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_txopt.utils.amp import set_loss_scale
+from lightning_txopt.utils.sharding import GradientSync, sharding_kind
 
 __all__ = [
     "AccumulationScheduler",
@@ -238,6 +239,14 @@ class AccumulationScheduler(Callback):
     with ``interval="step"`` a factor that starts at some optimizer step starts full windows there (see
     :func:`window_end`); the epoch end cuts the last one short. :func:`count_optimizer_steps` counts the same windows.
 
+    Sharded training (``docs/fsdp.md``): Lightning skips DDP's all-reduce on the micro-batches that do not step, but
+    not the reduce-scatter of ``FSDPStrategy`` (FSDP1) or ``ModelParallelStrategy`` (FSDP2). Under those, this
+    callback switches the reduction off for every micro-batch of a window but its last
+    (:class:`~lightning_txopt.utils.sharding.GradientSync`: FSDP1's ``no_sync()``, FSDP2's
+    ``set_requires_gradient_sync``), so a window costs one reduction, as under DDP. Each rank then holds its
+    unsharded gradients until the window's last backward; ``reduce_every_micro_batch=True`` keeps only sharded
+    gradients instead, at the cost of a reduce-scatter per micro-batch (same result).
+
     Args:
         scheduling: ``{first epoch (or optimizer step): factor}``, e.g. ``{0: 1, 4: 8}``; before the first key the
             factor is 1.
@@ -248,11 +257,15 @@ class AccumulationScheduler(Callback):
         count_items: Function of a batch giving its item count (``normalize="tokens"``). ``None``: the module's
             ``count_loss_items`` if it has one, else :func:`count_label_items`. :func:`causal_lm_items` counts the
             shifted labels of a Hugging Face causal LM.
+        reduce_every_micro_batch: Under FSDP (``FSDPStrategy``, ``ModelParallelStrategy``) only: reduce-scatter the
+            gradient of every micro-batch (sharded gradient memory, one collective per micro-batch) instead of once
+            per window (the default: unsharded gradients held through the window).
 
     Raises:
         ValueError: On invalid arguments here; in ``setup`` with ``Trainer(accumulate_grad_batches > 1)``, with
-            manual optimisation, with a strategy that accumulates itself (DeepSpeed), or when the module's
-            ``loss_reduction`` does not fit ``normalize`` (see the module contract).
+            manual optimisation, with a strategy that accumulates itself (DeepSpeed), when the module's
+            ``loss_reduction`` does not fit ``normalize`` (see the module contract), or with
+            ``reduce_every_micro_batch=True`` under a strategy that is not FSDP (it would do nothing).
         RuntimeError: During training, if something else changed ``trainer.accumulate_grad_batches`` inside a window
             (e.g. Lightning's ``GradientAccumulationScheduler`` as well): the gradient would not be exact.
 
@@ -269,7 +282,10 @@ class AccumulationScheduler(Callback):
         interval: Interval = "epoch",
         normalize: Normalize = "mean",
         count_items: Callable[[Any], int | torch.Tensor] | None = None,
+        reduce_every_micro_batch: bool = False,
     ) -> None:
+        if not isinstance(reduce_every_micro_batch, bool):
+            raise ValueError(f"`reduce_every_micro_batch` must be True or False, got {reduce_every_micro_batch!r}.")
         if interval not in ("epoch", "step"):
             raise ValueError(f"`interval` must be 'epoch' or 'step', got {interval!r}.")
         if normalize not in ("mean", "tokens"):
@@ -280,6 +296,7 @@ class AccumulationScheduler(Callback):
         self.interval: Interval = interval
         self.normalize: Normalize = normalize
         self.count_items = count_items
+        self.reduce_every_micro_batch = reduce_every_micro_batch
         self.factor = factor_at(self.scheduling, 0)  # factor of the current (or last) window
         self.divisor = self.factor  # trainer.accumulate_grad_batches of the current (or last) window
         self.optimizer_steps = 0
@@ -293,6 +310,7 @@ class AccumulationScheduler(Callback):
         self._set_sum = False  # setup turned the module's loss_reduction from "auto" into "sum"
         self._managing = False  # setup passed: this callback sets trainer.accumulate_grad_batches
         self._scaler_checked = False
+        self._sync: GradientSync | None = None  # FSDP: switches the gradient reduction off inside a window
 
     def factor_for(self, *, epoch: int, step: int) -> int:
         """Factor in force at an epoch (``interval="epoch"``) or optimizer step (``interval="step"``)."""
@@ -357,6 +375,9 @@ class AccumulationScheduler(Callback):
 
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Leave the module and the Trainer as setup found them (the module may be reused without this callback)."""
+        if self._sync is not None:
+            self._sync.enable()
+            self._sync = None
         if self._set_sum:
             pl_module.loss_reduction = "auto"  # type: ignore[assignment]
             self._set_sum = False
@@ -381,6 +402,12 @@ class AccumulationScheduler(Callback):
             )
         if trainer.strategy.handles_gradient_accumulation:
             raise ValueError(f"{type(trainer.strategy).__name__} accumulates gradients itself; remove the callback.")
+        if self.reduce_every_micro_batch and sharding_kind(trainer.strategy) is None:
+            raise ValueError(
+                f"AccumulationScheduler(reduce_every_micro_batch=True) applies to FSDPStrategy and "
+                f"ModelParallelStrategy only; under {type(trainer.strategy).__name__} it would do nothing (Lightning "
+                "skips DDP's all-reduce on micro-batches that do not step). Drop reduce_every_micro_batch."
+            )
         self._check_loss_reduction(pl_module)
         if self.normalize == "tokens":
             own = getattr(pl_module, "count_loss_items", None)
@@ -395,6 +422,10 @@ class AccumulationScheduler(Callback):
         if self._resumed:  # as at the checkpoint: Lightning's restart reads it to tell whether that batch stepped
             trainer.accumulate_grad_batches = self.divisor
             self._resumed = False
+        self._sync = None
+        if sharding_kind(trainer.strategy) is not None and not self.reduce_every_micro_batch:
+            sync = GradientSync(getattr(trainer.strategy, "model", None))  # wrapped / fully_shard-ed by now
+            self._sync = sync if sync.available else None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -404,6 +435,11 @@ class AccumulationScheduler(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore(trainer, pl_module)  # Lightning calls no teardown hook after an exception
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sync is not None:  # a run stopped inside a window (max_steps does not, max_time may)
+            self._sync.enable()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -420,6 +456,11 @@ class AccumulationScheduler(Callback):
         elif trainer.accumulate_grad_batches != self.divisor:
             self._changed_elsewhere(trainer)
         self._window_batches += 1
+        if self._sync is not None:  # FSDP: reduce the gradients once, in the window's last backward
+            if batch_idx + 1 < self._window_end:
+                self._sync.disable()
+            else:
+                self._sync.enable()
         if self.normalize == "tokens":
             items = self._counter(batch)
             self._window_items = self._window_items + (items.detach() if isinstance(items, torch.Tensor) else items)

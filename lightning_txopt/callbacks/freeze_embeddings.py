@@ -20,12 +20,21 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_txopt.utils.blocks import find_block_lists, model_configs
+from lightning_txopt.utils.sharding import (
+    clean_name,
+    gradient_free_in_units,
+    local_numel,
+    sharding_kind,
+    strategy_description,
+)
 
 __all__ = [
     "FreezeEmbeddings",
     "FrozenEmbeddings",
+    "FrozenMemory",
     "find_input_embeddings",
     "freeze_embeddings",
+    "frozen_memory",
     "unfreeze_embeddings",
 ]
 
@@ -185,6 +194,53 @@ class FrozenEmbeddings:
     def optimizer_bytes_saved(self, bytes_per_param: int = 8) -> int:
         """Optimizer state not allocated (AdamW: two fp32 moments = 8 bytes per parameter)."""
         return self.num_parameters * bytes_per_param
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenMemory:
+    """Memory that freezing saves on this rank, from the model as the strategy wrapped (and sharded) it.
+
+    Attributes:
+        strategy: The strategy's class name.
+        local_parameters: Frozen elements this rank holds (its shards under FSDP; each shared tensor once).
+        gradient_bytes: Gradient memory not allocated: the frozen elements' size in their dtype, except under
+            FSDP1 (``FSDPStrategy``) for frozen parameters of a unit that also holds trainable ones: FSDP1 keeps one
+            flat gradient per such unit, frozen elements included (PyTorch #104967), so those save nothing.
+        optimizer_bytes: AdamW state not allocated: two moments per frozen element, in its dtype.
+    """
+
+    strategy: str
+    local_parameters: int
+    gradient_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Gradients and optimizer state together."""
+        return self.gradient_bytes + self.optimizer_bytes
+
+
+def frozen_memory(model: nn.Module, params: Sequence[nn.Parameter], strategy: str = "") -> FrozenMemory:
+    """What freezing ``params`` saves on this rank, as :class:`FrozenMemory`.
+
+    Args:
+        model: The model as the strategy runs it (``trainer.strategy.model``: the FSDP1 root wrapper, the DDP wrapper
+            or the LightningModule), so that FSDP1's units are seen.
+        params: The frozen parameters, each once.
+        strategy: A name for the report.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+        >>> model[0].weight.requires_grad_(False)  # doctest: +ELLIPSIS
+        Parameter containing: ...
+        >>> frozen_memory(model, [model[0].weight])
+        FrozenMemory(strategy='', local_parameters=40, gradient_bytes=160, optimizer_bytes=320)
+    """
+    free = gradient_free_in_units(model)
+    numel = sum(local_numel(p) for p in params)
+    grads = sum(local_numel(p) * p.element_size() for p in params if id(p) in free)
+    states = sum(2 * local_numel(p) * p.element_size() for p in params)
+    return FrozenMemory(strategy, numel, grads, states)
 
 
 def _tied_names(model: nn.Module, frozen: dict[str, nn.Module]) -> dict[str, list[str]]:
@@ -364,6 +420,15 @@ class FreezeEmbeddings(Callback):
     runs after the GradScaler has checked the gradients, so ranks could disagree on skipping a step:
     ``unfreeze_at_epoch`` with ``precision="16-mixed"`` on several processes is refused (bf16 has no scaler).
 
+    Sharded training (``docs/fsdp.md``): under ``FSDPStrategy`` (FSDP1) and ``ModelParallelStrategy`` (FSDP2,
+    ``fully_shard`` in ``configure_model``) the embeddings are frozen before the model is sharded, get no gradient
+    and no optimizer state and do not change. At ``on_fit_start``, once the strategy has wrapped the model,
+    :attr:`memory` holds what this rank saves (:class:`FrozenMemory`) and is logged: FSDP1 keeps a flat gradient for
+    every unit holding a trainable parameter, frozen elements included, so there only the optimizer state is saved
+    unless the embeddings form units of their own (``auto_wrap_policy`` with ``nn.Embedding``). FSDP1 needs
+    ``use_orig_params=True`` (Lightning's default) to mix frozen and trainable parameters in a unit.
+    ``unfreeze_at_epoch`` is refused under both (parameters made trainable after sharding are not handled exactly).
+
     Args:
         unfreeze_at_epoch: Epoch (>= 1) at whose start the embeddings become trainable; ``None`` keeps them frozen.
         lr_factor: Learning-rate factor of the unfrozen group relative to the group the parameters came from; only
@@ -375,7 +440,9 @@ class FreezeEmbeddings(Callback):
     Raises:
         ValueError: If ``unfreeze_at_epoch < 1``, ``lr_factor <= 0``, or ``lr_factor`` is set without
             ``unfreeze_at_epoch`` (it would do nothing). In ``setup``, with ``unfreeze_at_epoch`` on several
-            processes: a strategy other than DDP, or a GradScaler (fp16 AMP). (``unfreeze_at_epoch >= max_epochs``
+            processes: a strategy other than DDP, or a GradScaler (fp16 AMP); with ``unfreeze_at_epoch`` under
+            ``FSDPStrategy`` or ``ModelParallelStrategy`` (any number of processes); under
+            ``FSDPStrategy(use_orig_params=False)``. (``unfreeze_at_epoch >= max_epochs``
             warns: only a resumed run with more epochs would unfreeze.) At the unfreeze epoch: if the frozen
             parameters were in no optimizer and there are several (which one should train them is ambiguous).
 
@@ -430,11 +497,13 @@ class FreezeEmbeddings(Callback):
         self.unfrozen = False
         self._source_group: dict[int, int] = {}  # optimizer index -> group the embeddings were taken from
         self._sync_params: list[nn.Parameter] = []
+        self.memory: FrozenMemory | None = None  # set at on_fit_start, from the model as the strategy wrapped it
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.frozen is not None:
             return
+        _check_sharded_strategy(trainer, self.unfreeze_at_epoch)
         if self.unfreeze_at_epoch is not None:
             _check_unfreeze_supported(trainer, self.unfreeze_at_epoch)
         self.frozen = freeze_embeddings(
@@ -442,10 +511,17 @@ class FreezeEmbeddings(Callback):
         )
         if self.unfrozen:  # restored from a checkpoint taken after unfreezing
             unfreeze_embeddings(pl_module, self.frozen)
+        sharded = sharding_kind(trainer.strategy) is not None
+        saved = (
+            "; the memory this saves per rank is reported once the strategy has sharded the model"
+            if sharded
+            else f": {self.frozen.num_parameters * 4 / 2**20:,.1f} MiB of fp32 gradients and "
+            f"{self.frozen.optimizer_bytes_saved() / 2**20:,.1f} MiB of AdamW state not allocated"
+        )
         rank_zero_info(
             f"FreezeEmbeddings: froze {len(self.frozen.modules)} module(s) ({', '.join(self.frozen.modules)}), "
-            f"{self.frozen.num_parameters:,} parameters: {self.frozen.num_parameters * 4 / 2**20:,.1f} MiB of fp32 "
-            f"gradients and {self.frozen.optimizer_bytes_saved() / 2**20:,.1f} MiB of AdamW state not allocated"
+            f"{self.frozen.num_parameters:,} parameters"
+            + saved
             + (f"; trainable again from epoch {self.unfreeze_at_epoch}" if self.unfreeze_at_epoch is not None else "")
             + ("; restored as unfrozen" if self.unfrozen else "")
             + "."
@@ -453,7 +529,8 @@ class FreezeEmbeddings(Callback):
 
     def _frozen_params(self, pl_module: pl.LightningModule) -> list[nn.Parameter]:
         assert self.frozen is not None
-        params = dict(pl_module.named_parameters(remove_duplicate=False))
+        # by name: FSDP2 replaces the parameters by DTensor ones; FSDP1 inserts its wrapper into the names
+        params = {clean_name(n): p for n, p in pl_module.named_parameters(remove_duplicate=False)}
         out: dict[int, nn.Parameter] = {}
         for name in self.frozen.parameters:
             out.setdefault(id(params[name]), params[name])
@@ -463,7 +540,10 @@ class FreezeEmbeddings(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.frozen is None:
             return
-        targets = {id(p) for p in self._frozen_params(pl_module)}
+        frozen = self._frozen_params(pl_module)
+        if not self.unfrozen:
+            self._report_memory(trainer, pl_module, frozen)
+        targets = {id(p) for p in frozen}
         for opt_idx, optimizer in enumerate(trainer.optimizers):
             for group_idx, group in enumerate(optimizer.param_groups):
                 kept = [p for p in group["params"] if id(p) not in targets]
@@ -472,6 +552,30 @@ class FreezeEmbeddings(Callback):
                     group["params"] = kept
         if self.unfrozen:  # resumed after the unfreeze epoch: rebuild the group before optimizer states load
             self._add_groups(trainer, pl_module)
+
+    def _report_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule, frozen: list[nn.Parameter]) -> None:
+        strategy = trainer.strategy
+        model = getattr(strategy, "model", None)  # the FSDP1 root wrapper holds the units
+        if not isinstance(model, nn.Module):
+            model = pl_module
+        self.memory = frozen_memory(model, frozen, type(strategy).__name__)
+        if sharding_kind(strategy) is None:
+            return  # setup's message was exact already
+        m = self.memory
+        flat = m.gradient_bytes < sum(local_numel(p) * p.element_size() for p in frozen)
+        rank_zero_info(
+            f"FreezeEmbeddings under {m.strategy} ({trainer.world_size} process(es)): rank 0 holds "
+            f"{m.local_parameters:,} frozen elements: {m.optimizer_bytes / 2**20:,.2f} MiB of AdamW state and "
+            f"{m.gradient_bytes / 2**20:,.2f} MiB of gradients not allocated"
+            + (
+                " (FSDP1 keeps a flat gradient for each unit holding a trainable parameter, frozen elements included, "
+                "PyTorch #104967: put the embeddings in FSDP units of their own, e.g. nn.Embedding in the "
+                "auto_wrap_policy, to save their gradients too)"
+                if flat
+                else ""
+            )
+            + "."
+        )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -542,6 +646,32 @@ class FreezeEmbeddings(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.unfrozen = bool(state_dict.get("unfrozen", False))
         self._source_group = {int(k): int(v) for k, v in state_dict.get("source_group", {}).items()}
+
+
+def _check_sharded_strategy(trainer: pl.Trainer, unfreeze_at_epoch: int | None) -> None:
+    """Refuse, at setup, what freezing cannot do exactly under FSDP1 or FSDP2 (see ``docs/fsdp.md``)."""
+    strategy = trainer.strategy
+    kind = sharding_kind(strategy)
+    if kind is None:
+        return
+    name = strategy_description(strategy)
+    if unfreeze_at_epoch is not None:
+        built = "FSDP1 has built its flat parameters" if kind == "fsdp" else "FSDP2 has made its unsharded parameters"
+        raise ValueError(
+            f"FreezeEmbeddings(unfreeze_at_epoch={unfreeze_at_epoch}) supports DDP strategies only, got {name}: the "
+            "embeddings are frozen before the strategy shards the model, and parameters made trainable after "
+            f"sharding are not handled exactly ({built} with requires_grad=False). Keep the embeddings frozen "
+            "(unfreeze_at_epoch=None), or train in two runs: "
+            "a first fit with FreezeEmbeddings(), then a new fit without it that starts from the first run's "
+            "weights (a new optimizer)."
+        )
+    if kind == "fsdp" and (getattr(strategy, "kwargs", None) or {}).get("use_orig_params") is False:
+        raise ValueError(
+            f"FreezeEmbeddings under {name}: with use_orig_params=False FSDP flattens each unit's parameters into "
+            "one tensor that is either trainable or frozen, and refuses a unit that mixes frozen embeddings with "
+            "trainable parameters (the embeddings' LayerNorm, the head). Use FSDPStrategy(use_orig_params=True) "
+            "(Lightning's default)."
+        )
 
 
 def _check_unfreeze_supported(trainer: pl.Trainer, epoch: int) -> None:

@@ -20,10 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
 from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
+from lightning_txopt.utils.sharding import checkpoint_wrapper_type, clean_name
 
 __all__ = [
     "CheckpointingPlan",
     "GradientCheckpointing",
+    "check_not_checkpointed_twice",
     "disable_gradient_checkpointing",
     "enable_gradient_checkpointing",
     "hf_checkpointing_enable",
@@ -308,12 +310,56 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
         _hf_checkpointing_disable(model)
 
 
+def check_not_checkpointed_twice(model: nn.Module, plan: CheckpointingPlan, strategy: str = "the strategy") -> None:
+    """Refuse a model in which torch's ``checkpoint_wrapper`` checkpoints modules too, besides ``plan``.
+
+    ``FSDPStrategy(activation_checkpointing_policy=...)`` wraps blocks in ``checkpoint_wrapper`` after it has wrapped
+    the model (as may a ``configure_model`` under ``ModelParallelStrategy``): blocks already checkpointed by
+    :func:`enable_gradient_checkpointing` would then be recomputed twice in every backward pass.
+
+    Args:
+        model: The model as the strategy runs it.
+        plan: What :func:`enable_gradient_checkpointing` did.
+        strategy: The strategy's name, for the message.
+
+    Raises:
+        ValueError: If ``plan`` checkpoints blocks and ``model`` holds a ``checkpoint_wrapper`` module; the message
+            names it and says to use one of the two mechanisms.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        >>> check_not_checkpointed_twice(model, enable_gradient_checkpointing(model))  # our wrapper only: fine
+    """
+    wrapper = checkpoint_wrapper_type()
+    if wrapper is None or not plan.checkpointed:
+        return
+    found = [clean_name(name) or type(m).__name__ for name, m in model.named_modules() if isinstance(m, wrapper)]
+    if found:
+        where = ", ".join(plan.block_lists) or "the model's blocks"
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise ValueError(
+            f"GradientCheckpointing checkpoints {len(plan.checkpointed)} blocks of {where} ({plan.mechanism} "
+            f"mechanism), and {strategy} wrapped {found[0]}{more} in torch's checkpoint_wrapper as well "
+            "(FSDPStrategy(activation_checkpointing_policy=...), or checkpoint_wrapper in configure_model): those "
+            "blocks would be recomputed twice in every backward pass. Use one mechanism: drop "
+            "activation_checkpointing_policy (GradientCheckpointing composes with FSDP's auto_wrap_policy, see "
+            "docs/fsdp.md), or drop the GradientCheckpointing callback."
+        )
+
+
 class GradientCheckpointing(Callback):
     """Apply :func:`enable_gradient_checkpointing` to the LightningModule in ``setup``, before DDP wraps it.
 
     The callback looks for the transformer inside the LightningModule: with ``attribute`` it uses
     ``pl_module.<attribute>``; otherwise the first child that is a Hugging Face ``PreTrainedModel`` with native
     support, else the LightningModule itself (whose block list is then detected).
+
+    Sharded training (``docs/fsdp.md``): the blocks are checkpointed in ``setup``, before ``FSDPStrategy`` wraps
+    them in FSDP units (``auto_wrap_policy={BlockClass}``) or ``configure_model`` applies ``fully_shard``; each unit
+    then holds a checkpointed block, and the recomputation runs while FSDP has the block's parameters unsharded.
+    This is the one supported way: with ``FSDPStrategy(activation_checkpointing_policy=...)`` (or a
+    ``checkpoint_wrapper`` of your own) as well, ``on_fit_start`` raises, since blocks would be checkpointed twice.
 
     Args:
         every_n_layers: Checkpoint one block in ``n``.
@@ -323,7 +369,8 @@ class GradientCheckpointing(Callback):
         attribute: Name of the LightningModule attribute holding the model.
 
     Raises:
-        ValueError: On invalid arguments (checked here, not at fit time).
+        ValueError: On invalid arguments (checked here, not at fit time); at ``on_fit_start``, as
+            :func:`check_not_checkpointed_twice`.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -377,6 +424,12 @@ class GradientCheckpointing(Callback):
             f"GradientCheckpointing: {len(self.plan.checkpointed)}/{self.plan.num_blocks} blocks of {where} "
             f"checkpointed ({self.plan.mode}, {self.plan.mechanism} mechanism)."
         )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the strategy has wrapped the model (FSDP1 applies its activation_checkpointing_policy then)
+        if self.plan is not None:
+            check_not_checkpointed_twice(pl_module, self.plan, type(trainer.strategy).__name__)
 
 
 def _find_model(pl_module: nn.Module, attribute: str | None) -> nn.Module:

@@ -24,8 +24,22 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
+from lightning_txopt.utils.sharding import (
+    clean_name,
+    is_sharded_unit,
+    policy_wraps,
+    sharding_kind,
+    strategy_description,
+)
 
-__all__ = ["ParameterSharing", "SharingResult", "layer_mapping", "share_layers"]
+__all__ = [
+    "ParameterSharing",
+    "SharingResult",
+    "check_shared_blocks_unsplit",
+    "check_sharing_wrap_policy",
+    "layer_mapping",
+    "share_layers",
+]
 
 Strategy = Literal["all", "sequence", "cycle", "cycle_rev"]
 _STRATEGIES = ("all", "sequence", "cycle", "cycle_rev")
@@ -275,6 +289,134 @@ def _average(blocks: list[nn.Module], mapping: list[int], num_unique_layers: int
                 p.copy_(torch.stack(values).mean(0).to(p.dtype))
 
 
+def _groups(mapping: Sequence[int]) -> list[list[int]]:
+    """The positions of each unique block that is used at several positions."""
+    positions: dict[int, list[int]] = {}
+    for i, u in enumerate(mapping):
+        positions.setdefault(u, []).append(i)
+    return [p for p in positions.values() if len(p) > 1]
+
+
+def _positions(container: Any) -> list[nn.Module]:
+    """The module at each position of a block list (a shared module once per position it is used at)."""
+    return list(container.values()) if isinstance(container, nn.ModuleDict) else list(container)
+
+
+def _unit_advice(holder: str, block_list: str, fsdp2: bool) -> str:
+    """What to shard instead: the module holding the shared block list (class ``holder``), or the whole model."""
+    if fsdp2:
+        return (
+            f"Shared blocks must sit in one FSDP unit: in configure_model, fully_shard the module that holds "
+            f"{block_list} ({holder}) or the whole model, not the shared blocks or modules inside them (see "
+            "docs/fsdp.md)."
+        )
+    return (
+        f"Shared blocks must sit in one FSDP unit: use auto_wrap_policy={{{holder}}} (the module that holds "
+        f"{block_list}) or no auto_wrap_policy (the whole model is one unit), not the block class (see docs/fsdp.md)."
+    )
+
+
+def check_sharing_wrap_policy(model: nn.Module, result: SharingResult, policy: Any, strategy: str = "FSDP") -> None:
+    """Refuse an FSDP1 ``auto_wrap_policy`` that would put shared blocks, or parts of them, in units of their own.
+
+    FSDP shards each unit's parameters separately and runs each unit's hooks once per use: a block shared by
+    several positions that is a unit of its own (or holds one) would have its parameters owned by one unit but used
+    outside it, which breaks sharding. A block used at one position only may be wrapped.
+
+    Args:
+        model: The model :func:`share_layers` shared (names in ``result`` are relative to it).
+        result: What :func:`share_layers` did.
+        policy: ``FSDPStrategy``'s ``auto_wrap_policy`` (``strategy.kwargs["auto_wrap_policy"]``): a set of classes,
+            a ``ModuleWrapPolicy`` or a callable policy; ``None`` wraps nothing.
+        strategy: The strategy as written, for the message.
+
+    Raises:
+        ValueError: If the policy wraps a shared block or a module inside one, or is a policy object that cannot be
+            asked (``CustomPolicy``); the message names the policy to use.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+        >>> result = share_layers(model, num_unique_layers=2)
+        >>> check_sharing_wrap_policy(model, result, {nn.TransformerEncoder})  # the holder: fine
+        >>> check_sharing_wrap_policy(model, result, {nn.TransformerEncoderLayer})
+        Traceback (most recent call last):
+        ...
+        ValueError: ParameterSharing under FSDP: the auto_wrap_policy gives the shared block TransformerEncoderLayer ...
+    """
+    if policy is None:
+        return
+    for name, mapping in zip(result.block_lists, result.mappings):
+        container = model.get_submodule(name)
+        parent = name.rpartition(".")[0]
+        advice = _unit_advice(type(model.get_submodule(parent) if parent else model).__name__, name, fsdp2=False)
+        blocks = _positions(container)
+        for positions in _groups(mapping):
+            block = blocks[positions[0]]
+            for sub_name, sub in block.named_modules():
+                wraps = policy_wraps(policy, sub)
+                if wraps is False:
+                    continue
+                what = f"the shared block {type(block).__name__}" + (
+                    f"'s {sub_name} ({type(sub).__name__})" if sub_name else ""
+                )
+                if wraps is None:
+                    raise ValueError(
+                        f"ParameterSharing under {strategy}: cannot tell whether the auto_wrap_policy {policy!r} "
+                        f"gives {what} (used at positions {positions} of {name}) an FSDP unit of its own. Pass "
+                        f"the policy as a set of module classes. {advice}"
+                    )
+                raise ValueError(
+                    f"ParameterSharing under {strategy}: the auto_wrap_policy gives {what} (used at positions "
+                    f"{positions} of {name}) an FSDP unit of its own, so the shared parameters would be owned by "
+                    f"one unit and used outside it, which breaks sharding. {advice}"
+                )
+
+
+def check_shared_blocks_unsplit(
+    model: nn.Module, result: SharingResult, strategy: str = "the strategy", *, fsdp2: bool = True
+) -> None:
+    """Refuse a sharded model whose shared blocks are, or hold, FSDP units, or no longer share one module.
+
+    Run after the strategy has wrapped the model (FSDP1) or ``configure_model`` has applied ``fully_shard`` (FSDP2).
+    Block lists are found by their names in ``result``, without the segments FSDP1 inserts into names.
+
+    Args:
+        model: The model as sharded (the LightningModule).
+        result: What :func:`share_layers` did to it.
+        strategy: The strategy's name, for the message.
+        fsdp2: Advise on ``fully_shard`` (``True``) or on FSDP1's ``auto_wrap_policy``.
+
+    Raises:
+        ValueError: Naming the shared block and the module to shard instead.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+        >>> check_shared_blocks_unsplit(model, share_layers(model, num_unique_layers=2))  # no units: fine
+    """
+    modules = {clean_name(n): m for n, m in model.named_modules()}
+    for name, mapping in zip(result.block_lists, result.mappings):
+        container = modules.get(name)
+        if container is None:
+            continue
+        holder = type(modules.get(name.rpartition(".")[0], model)).__name__
+        blocks = _positions(container)
+        for positions in _groups(mapping):
+            held = [blocks[i] for i in positions]
+            split = any(b is not held[0] for b in held)
+            units = [
+                sub_name or "the block itself" for sub_name, sub in held[0].named_modules() if is_sharded_unit(sub)
+            ]
+            if split or units:
+                how = "is no longer one module at those positions" if split else f"holds an FSDP unit ({units[0]})"
+                raise ValueError(
+                    f"ParameterSharing under {strategy}: the shared block {type(held[0]).__name__} (positions "
+                    f"{positions} of {name}) {how}: FSDP shards each unit's parameters separately, so parameters "
+                    f"shared across units break sharding. {_unit_advice(holder, name, fsdp2)}"
+                )
+
+
 class ParameterSharing(Callback):
     """Apply :func:`share_layers` to the LightningModule in ``setup``, before the optimizer is built and DDP wraps it.
 
@@ -289,9 +431,18 @@ class ParameterSharing(Callback):
         init: ``"first"`` or ``"average"``.
         block_classes: Class names of the blocks, overriding detection.
 
+    Sharded training (``docs/fsdp.md``): shared blocks must sit in one FSDP unit, with the other blocks of their
+    list. Under ``FSDPStrategy`` the ``auto_wrap_policy`` must not wrap the shared block class (or a module inside
+    it): wrap the module that holds the block list (``auto_wrap_policy={BertEncoder}``) or nothing; this is checked
+    in ``setup``, before FSDP wraps the model. Under ``ModelParallelStrategy``, ``configure_model`` must
+    ``fully_shard`` that holder or the whole model, not the shared blocks; this is checked at ``on_fit_start``, after
+    ``configure_model``.
+
     Raises:
         ValueError: On invalid arguments (checked here); in ``setup``, whatever :func:`share_layers` refuses (a layer
-            count that leaves nothing to share, blocks that differ beyond their weights).
+            count that leaves nothing to share, blocks that differ beyond their weights), and under ``FSDPStrategy``
+            what :func:`check_sharing_wrap_policy` refuses; at ``on_fit_start`` under ``FSDPStrategy`` or
+            ``ModelParallelStrategy``, what :func:`check_shared_blocks_unsplit` refuses.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -343,6 +494,9 @@ class ParameterSharing(Callback):
             init=self.init,
             block_classes=self.block_classes,
         )
+        if sharding_kind(trainer.strategy) == "fsdp":  # before FSDP1 wraps the model with its policy
+            policy = (getattr(trainer.strategy, "kwargs", None) or {}).get("auto_wrap_policy")
+            check_sharing_wrap_policy(pl_module, result, policy, strategy_description(trainer.strategy))
         if self.result is None:
             self.result = result
             stacks = "; ".join(
@@ -351,6 +505,14 @@ class ParameterSharing(Callback):
             )
             rank_zero_info(
                 f"ParameterSharing: {stacks}; parameters {result.params_before:,} -> {result.params_after:,}."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        kind = sharding_kind(trainer.strategy)
+        if kind is not None and self.result is not None:  # the model is wrapped / fully_shard-ed now
+            check_shared_blocks_unsplit(
+                pl_module, self.result, type(trainer.strategy).__name__, fsdp2=kind == "model_parallel"
             )
 
     @override
