@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
+from lightning_txopt.memory import CheckpointingChoice, DeviceMemory
 from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
 from lightning_txopt.utils.sharding import checkpoint_wrapper_type, clean_name
 
@@ -361,16 +362,26 @@ class GradientCheckpointing(Callback):
     This is the one supported way: with ``FSDPStrategy(activation_checkpointing_policy=...)`` (or a
     ``checkpoint_wrapper`` of your own) as well, ``on_fit_start`` raises, since blocks would be checkpointed twice.
 
+    Checkpointing to a memory budget: with ``every_n_layers="auto"`` nothing is checkpointed in ``setup``; at
+    ``on_fit_start`` the fewest blocks are checkpointed for the planned batches at the DataModule's (fixed) token
+    budget to fit ``max_memory_fraction`` of the GPU, measured by probing real training steps
+    (:func:`~lightning_txopt.callbacks.token_budget.fit_checkpointing`; needs CUDA and a ``BucketDataModule``). The
+    choice is saved in checkpoints and reused on resume. Use it with a fixed ``max_tokens``; to trade the other way,
+    keep checkpointing fixed and let :class:`~lightning_txopt.callbacks.TokenBudgetFinder` find a larger budget.
+
     Args:
-        every_n_layers: Checkpoint one block in ``n``.
+        every_n_layers: Checkpoint one block in ``n``, or ``"auto"`` (see above).
         mode: ``"full"`` or ``"selective"``.
         block_classes: Class names of the blocks, overriding detection.
         prefer_native: Use a Hugging Face model's own mechanism where possible.
         attribute: Name of the LightningModule attribute holding the model.
+        max_memory_fraction: ``"auto"``: the share of the GPU's memory the peak may take.
+        memory: ``"auto"``: how device memory is read (default CUDA's allocator;
+            :class:`~lightning_txopt.memory.SavedTensorsMemory` estimates it on a CPU, for tests and demos).
 
     Raises:
         ValueError: On invalid arguments (checked here, not at fit time); at ``on_fit_start``, as
-            :func:`check_not_checkpointed_twice`.
+            :func:`check_not_checkpointed_twice`, or with ``"auto"`` and no fixed token budget.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -385,36 +396,45 @@ class GradientCheckpointing(Callback):
         >>> trainer.fit(module, datamodule=data)
         >>> checkpointing.plan.mechanism, checkpointing.plan.block_lists, checkpointing.plan.checkpointed
         ('wrap', ('bert.encoder.layer',), (0, 2))
+        >>> GradientCheckpointing(every_n_layers="auto").every_n_layers  # the fewest blocks that fit, at fit start
+        'auto'
     """
 
     def __init__(
         self,
         *,
-        every_n_layers: int = 1,
+        every_n_layers: int | Literal["auto"] = 1,
         mode: Mode = "full",
         block_classes: list[str] | None = None,
         prefer_native: bool = True,
         attribute: str | None = None,
+        max_memory_fraction: float = 0.9,
+        memory: DeviceMemory | None = None,
     ) -> None:
-        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-            raise ValueError(f"`every_n_layers` must be a positive integer, got {every_n_layers!r}.")
+        if every_n_layers != "auto" and (
+            isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1
+        ):
+            raise ValueError(f"`every_n_layers` must be a positive integer or 'auto', got {every_n_layers!r}.")
+        if not 0 < max_memory_fraction <= 1:
+            raise ValueError(f"`max_memory_fraction` must be in (0, 1], got {max_memory_fraction!r}.")
+        self.max_memory_fraction = float(max_memory_fraction)
+        self.memory = memory
+        self.chosen: int | None = None  # "auto": the interval chosen by probing (0: no checkpointing)
+        self.choice: CheckpointingChoice | None = None
         if mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
-        self.every_n_layers = every_n_layers
+        self.every_n_layers: int | Literal["auto"] = every_n_layers
         self.mode: Mode = mode
         self.block_classes = block_classes
         self.prefer_native = prefer_native
         self.attribute = attribute
         self.plan: CheckpointingPlan | None = None
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.plan is not None:
-            return
+    def _enable(self, pl_module: pl.LightningModule, every_n_layers: int) -> None:
         target = _find_model(pl_module, self.attribute)
         self.plan = enable_gradient_checkpointing(
             target,
-            every_n_layers=self.every_n_layers,
+            every_n_layers=every_n_layers,
             mode=self.mode,
             block_classes=self.block_classes,
             prefer_native=self.prefer_native,
@@ -426,10 +446,59 @@ class GradientCheckpointing(Callback):
         )
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.plan is not None:
+            return
+        if self.every_n_layers != "auto":
+            self._enable(pl_module, self.every_n_layers)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_layers == "auto" and self.chosen is None:
+            self._choose(trainer, pl_module)
+        elif self.every_n_layers == "auto" and self.chosen and self.plan is None:
+            self._enable(pl_module, self.chosen)  # resumed (callback state loads after setup): no new probe
         # after the strategy has wrapped the model (FSDP1 applies its activation_checkpointing_policy then)
         if self.plan is not None:
             check_not_checkpointed_twice(pl_module, self.plan, type(trainer.strategy).__name__)
+
+    def _choose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_txopt.callbacks.token_budget import fit_checkpointing
+
+        budget = getattr(getattr(trainer, "datamodule", None), "max_tokens", None)
+        if not isinstance(budget, int):
+            raise ValueError(
+                f"GradientCheckpointing(every_n_layers='auto') needs a fixed token budget (it fits checkpointing to "
+                f"the planned batches at that budget), got max_tokens={budget!r}. Give BucketDataModule(max_tokens="
+                "<int>), or use TokenBudgetFinder with a fixed every_n_layers instead."
+            )
+        target = _find_model(pl_module, self.attribute)
+
+        def apply(n: int | None) -> None:
+            disable_gradient_checkpointing(target)
+            self.plan = None
+            if n:
+                self._enable(pl_module, n)
+
+        blocks = sum(len(found) for found in find_block_lists(target, self.block_classes))
+        choice = fit_checkpointing(
+            trainer, pl_module, apply, blocks, max_memory_fraction=self.max_memory_fraction, memory=self.memory
+        )
+        self.choice, self.chosen = choice, choice.every_n_layers or 0
+        rank_zero_info(
+            f"GradientCheckpointing(every_n_layers='auto'): {choice.checkpointed}/{blocks} blocks checkpointed "
+            f"(every_n_layers={choice.every_n_layers}) to fit {self.max_memory_fraction:.0%} of the GPU at "
+            f"max_tokens={budget}."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen} if self.every_n_layers == "auto" else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "chosen" in state_dict and self.every_n_layers == "auto":
+            self.chosen = state_dict["chosen"]
 
 
 def _find_model(pl_module: nn.Module, attribute: str | None) -> nn.Module:

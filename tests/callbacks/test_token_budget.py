@@ -21,10 +21,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_txopt import TokenBudgetFinder, TransformerModule
 from lightning_txopt.callbacks import (
+    GradientCheckpointing,
     StepProber,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
-    fit_checkpointing,
 )
 from lightning_txopt.callbacks.token_budget import _check_strategy, _logging_discarded
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
@@ -403,22 +403,9 @@ def test_two_ranks_agree_when_one_runs_out_of_memory(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
-class _AutoCheckpointing(Callback):
-    """What GradientCheckpointing(every_n_layers="auto") does at fit start: fit_checkpointing on the model."""
-
-    def __init__(self, memory: SavedTensorsMemory) -> None:
-        self.memory, self.choice = memory, None
-
-    def on_fit_start(self, trainer, pl_module):
-        model = pl_module.model
-
-        def apply(n: int | None) -> None:
-            disable_gradient_checkpointing(model)
-            if n is not None:
-                enable_gradient_checkpointing(model, every_n_layers=n)
-
-        blocks = model.config.num_hidden_layers
-        self.choice = fit_checkpointing(trainer, pl_module, apply, blocks, memory=self.memory)
+def _AutoCheckpointing(memory: SavedTensorsMemory) -> GradientCheckpointing:
+    """GradientCheckpointing(every_n_layers="auto") with a CPU estimate of the memory."""
+    return GradientCheckpointing(every_n_layers="auto", memory=memory, max_memory_fraction=0.9)
 
 
 def _deep(**kwargs: Any) -> TransformerModule:
@@ -455,6 +442,20 @@ def test_checkpointing_to_a_memory_target():
     enable_gradient_checkpointing(reference.model, every_n_layers=3)
     _fit([], BudgetDataModule(SAMPLES, budget), steps=3, model=reference)
     assert_same(params(trained), params(reference))
+
+
+def test_checkpointing_to_a_budget_resumes_with_its_choice_without_probing(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    budget = 320
+    auto = _AutoCheckpointing(SavedTensorsMemory(10**12))  # everything fits: the choice is no checkpointing
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    _fit([auto, saver], BudgetDataModule(SAMPLES, budget), steps=2, model=_deep(), enable_checkpointing=True)
+    assert auto.chosen == 0 and auto.plan is None
+    again = _AutoCheckpointing(SavedTensorsMemory(1000))  # would not fit anything: it must not probe again
+    resumed = cpu_trainer(max_steps=3, callbacks=[again])
+    resumed.fit(_deep(), datamodule=BudgetDataModule(SAMPLES, budget), ckpt_path=str(tmp_path / "step=2.ckpt"))
+    assert again.chosen == 0 and again.choice is None  # the saved choice, no probe
 
 
 def test_checkpointing_needs_a_fixed_budget():
