@@ -9,8 +9,9 @@ checkpoints where it runs), on the CPU. Only placeholders for what a user brings
 * ``"path/to/local/model"``: a saved tiny BERT classifier (12 layers of width 16, 512 positions, 40 labels);
   ``"path/to/local/causal-lm"``: a saved tiny GPT-2 (512 positions);
 * hardware: ``accelerator="cuda"`` runs as ``accelerator="cpu"`` and ``devices=2`` as ``devices=1`` (the 2-process
-  CPU twin of the multi-GPU page is ``tests/test_workflow.py``); ``TokenBudgetFinder()`` and ``fit_checkpointing``,
-  which measure CUDA memory, get ``memory=SavedTensorsMemory(...)`` (an estimate against a pretend 64 MiB device).
+  CPU twin of the multi-GPU page is ``tests/test_workflow.py``); ``TokenBudgetFinder()`` and
+  ``GradientCheckpointing(every_n_layers="auto")``, which measure CUDA memory, get ``memory=SavedTensorsMemory(...)``
+  (an estimate against a pretend 64 MiB device).
 
 A block that cannot run as written (a fragment) is marked in the markdown with ``<!-- skip-test: why -->`` on the
 line above its opening fence; the reason is shown as the skip message. Any other ``"path/to/..."`` string in a block
@@ -38,10 +39,9 @@ SKIP = re.compile(r"<!--\s*skip-test:\s*(?P<why>.+?)\s*-->")
 HARDWARE = {
     'accelerator="cuda"': 'accelerator="cpu"',
     "devices=2": "devices=1",
-    # the finder and fit_checkpointing measure CUDA memory: on the CPU they run on an estimate
+    # the finder and checkpointing to a memory budget measure CUDA memory: on the CPU they run on an estimate
     "TokenBudgetFinder()": "TokenBudgetFinder(memory=_estimate())",
-    "fit_checkpointing(trainer, pl_module, apply, blocks)": "fit_checkpointing(trainer, pl_module, apply, blocks, "
-    "memory=_estimate())",
+    'GradientCheckpointing(every_n_layers="auto")': 'GradientCheckpointing(every_n_layers="auto", memory=_estimate())',
 }
 
 
