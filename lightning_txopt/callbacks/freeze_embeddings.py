@@ -207,6 +207,13 @@ class FrozenMemory:
             FSDP1 (``FSDPStrategy``) for frozen parameters of a unit that also holds trainable ones: FSDP1 keeps one
             flat gradient per such unit, frozen elements included (PyTorch #104967), so those save nothing.
         optimizer_bytes: AdamW state not allocated: two moments per frozen element, in its dtype.
+
+    Example:
+        >>> table = nn.Embedding(10, 4)  # 40 fp32 elements
+        >>> _ = table.weight.requires_grad_(False)
+        >>> saved = frozen_memory(nn.Sequential(table), [table.weight], strategy="SingleDeviceStrategy")
+        >>> saved.local_parameters, saved.gradient_bytes, saved.optimizer_bytes, saved.total_bytes
+        (40, 160, 320, 480)
     """
 
     strategy: str
