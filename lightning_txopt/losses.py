@@ -469,9 +469,10 @@ def chunked_causal_lm_loss(
     ignore_index=ignore_index, reduction=reduction)`` (and the model's own ``model(**inputs, labels=labels).loss``
     for ``"mean"``), gradients included: the base model's last hidden states, the labels shifted by
     :func:`shift_labels`, and :func:`chunked_linear_cross_entropy` with the head from :func:`lm_head_of`. Packed
-    rows work unchanged: the collator gives each sample's first token ``ignore_index``, so no position learns to
-    predict the next sample; ``inputs`` (``position_ids``, the 4-D ``attention_mask``) go to the base model as they
-    would to the full model.
+    rows: pass ``inputs`` from :func:`~lightning_txopt.models.packed_model_inputs` (block masks for SDPA/eager, or
+    the rows read as one sequence for the varlen backend; ``labels`` of the rows' shape are laid out like
+    ``input_ids``), with each sample's first label ``ignore_index`` (``PackingCollator(causal=True)``) so that no
+    position learns to predict the next sample.
 
     Args:
         model: A causal LM accepted by :func:`lm_head_of`.
@@ -501,6 +502,9 @@ def chunked_causal_lm_loss(
     """
     head = lm_head_of(model)
     base: Any = model.base_model
+    ids = inputs.get("input_ids")
+    if ids is not None and labels.shape != ids.shape and labels.numel() == ids.numel():
+        labels = labels.reshape(ids.shape)  # packed rows read as one sequence (the varlen backend)
     hidden = base(**inputs)[0]  # last_hidden_state, also with return_dict=False
     return chunked_linear_cross_entropy(
         hidden,

@@ -1,8 +1,9 @@
-"""Support matrix: every model family of ``tests/zoo.py`` x batching (bucketed, packed) through ``TransformerModule``.
+"""Support matrix: every family of ``tests/zoo.py`` x batching and accumulation through ``TransformerModule``.
 
 Each cell is exact against an independent reference (fp32: each packed sample's logits and the loss's gradients
 equal those of the sample run alone within 1e-5 relative; a bucketed batch's loss equals the Hugging Face model's
-own loss) or refused with a ``ValueError`` at the first packed batch that names the model, the reason and the
+own loss; the first update under ``AccumulationScheduler(normalize="tokens")`` is the window's gradient computed by
+hand, every item loss over the window's item count) or refused with a ``ValueError`` at the first packed batch that names the model, the reason and the
 alternative. ``EXPECTED`` is the matrix; ``docs/support.md`` is rendered from it and from
 ``tests/test_support_model_techniques.py`` (``python -m tests.support_table``; a test checks the page is current).
 

@@ -144,3 +144,11 @@ def test_restore_order_errors():
         restore_order([{"index": torch.tensor([0, 1]), "logits": torch.zeros(3, 2)}])
     with pytest.raises(TypeError, match="expects the dicts"):
         restore_order([1, 2])
+
+
+def test_predict_on_a_loader_built_outside_a_hook_says_to_pass_the_datamodule():
+    dm = BucketDataModule(make_samples(20, seed=1), make_samples(8, seed=2), pad_token_id=0, max_tokens=96)
+    dm.setup("fit")
+    module = TransformerModule(config=BERT_DICT, num_labels=3)
+    with pytest.raises(TypeError, match=r"Pass the DataModule instead \(trainer.predict\(model, datamodule=dm\)\)"):
+        cpu_trainer().predict(module, dataloaders=dm.val_dataloader())

@@ -11,7 +11,8 @@ Layout of a packed batch (``R`` rows of width ``W``, ``N`` samples):
 
 * ``input_ids`` ``(R, W)``: the samples of each row concatenated; the end of a row is padding (``pad_token_id``);
 * ``position_ids`` ``(R, W)``: restart at ``position_offset`` (0; RoBERTa-style models need ``padding_idx + 1``,
-  which the model side adds) for every sample, and for the padding run at the end of each row;
+  which the model side adds) for every sample; padding tokens have position ``position_offset`` (a row may be wider
+  than the model's position table);
 * ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32): boundaries of every *segment* over the ``R * W`` tokens read row
   after row, where a segment is a sample or the padding run at the end of a row (empty when the row is full): every
   token belongs to exactly one segment, and sample ``i`` is segment ``i + row of i`` (Hugging Face's and
@@ -187,8 +188,7 @@ class PackingCollator:
 
         input_ids = np.full(n_rows * width, self.pad_token_id, dtype=np.int64)
         input_ids[flat] = np.concatenate(ids)
-        cols = np.arange(width, dtype=np.int64)
-        position_ids = (cols[None, :] - used[:, None]).reshape(-1)  # padding runs count from the row's end
+        position_ids = np.zeros(n_rows * width, dtype=np.int64)  # padding: position 0, whatever the row's width
         position_ids[flat] = offset_in_sample
         position_ids += self.position_offset
 

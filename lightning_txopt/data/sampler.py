@@ -140,6 +140,13 @@ class BucketBatchSampler(BatchSampler):
         pack_length: int | None = None,
         sampler: Any = None,
     ) -> None:
+        if isinstance(lengths, Sampler):
+            raise TypeError(
+                "BucketBatchSampler got a sampler where the sample lengths go: Lightning is re-creating it for a "
+                "loader built outside a DataModule hook (e.g. trainer.predict(dataloaders=dm.val_dataloader())). "
+                "Pass the DataModule instead (trainer.predict(model, datamodule=dm)), with a predict_dataset or a "
+                "'predict' split."
+            )
         check_exactly_one_budget(batch_size, max_tokens)
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("pool_size", pool_size)):
             check_positive_int(name, value, optional=True)

@@ -87,7 +87,7 @@ def test_collator_layout_matches_a_plain_python_reference(lens, width, static, c
         ids = [t for s in row for t in s]
         pad = w - len(ids)
         assert batch["input_ids"][r].tolist() == ids + [0] * pad
-        assert batch["position_ids"][r].tolist() == [p for s in row for p in range(len(s))] + list(range(pad))
+        assert batch["position_ids"][r].tolist() == [p for s in row for p in range(len(s))] + [0] * pad
         labels = [(-100 if (causal and j == 0) else t) for s in row for j, t in enumerate(s)] + [-100] * pad
         assert batch["labels"][r].tolist() == labels
         col = 0
@@ -173,6 +173,18 @@ def test_packed_settings_that_would_do_nothing_are_errors():
         BucketDataModule([], pad_token_id=0, max_tokens=64, static_shapes=True)
     with pytest.raises(ValueError, match="`pool_size` only applies to strategy='bucket'"):
         BucketDataModule([], pad_token_id=0, max_tokens=64, strategy="dynamic", pool_size=8)
+
+
+def test_rows_wider_than_the_position_table_run():
+    """Padding has position 0: a row of 512 tokens runs on a model with 64 positions when every sample fits."""
+    from lightning_txopt.module import TransformerModule
+    from tests.helpers import BERT_DICT
+
+    dm = BucketDataModule(make_samples(40, seed=7), pad_token_id=0, strategy="packed", max_tokens=512, max_length=512)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[1] > 64 and int(batch["position_ids"].max()) < 64
+    TransformerModule(config=BERT_DICT, num_labels=3).loss_and_items(batch, "mean")
 
 
 def test_truncation_applies_to_packed_batches():
