@@ -35,6 +35,13 @@ class RunResult:
     the run), on CPU the process's peak resident memory (:func:`reset_peak_rss` before the run); NaN where neither
     can be measured. ``memory_measure`` says which. ``val_majority_accuracy`` is the accuracy of always answering the
     most frequent validation label: what ``val_accuracy`` must beat to mean anything.
+
+    Example:
+        >>> run = RunResult("r", real_tokens=900, processed_tokens=1000, train_seconds=2.0, wall_seconds=3.0,
+        ...                 peak_memory_mib=1.0, val_accuracy=0.5, val_loss=1.0, optimizer_steps=4, precision="32-true",
+        ...                 settings={})
+        >>> run.real_tokens_per_sec, run.padding_efficiency
+        (450.0, 0.9)
     """
 
     name: str
@@ -163,6 +170,19 @@ def measure_run(
 
     Peak memory is this run's own (see :class:`RunResult`), so runs measured one after another in one process can be
     compared.
+
+    Example:
+        >>> from lightning_txopt.data.text import TextDataModule
+        >>> class Chars:  # a tokenizer: one id per character
+        ...     pad_token_id = 0
+        ...     def __call__(self, texts, truncation, max_length):
+        ...         return {"input_ids": [[ord(c) % 97 + 1 for c in t][:max_length] for t in texts]}
+        >>> dm = TextDataModule(None, Chars(), limit=40, max_length=32, batch_size=8)
+        >>> config = {"model_type": "bert", "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 1,
+        ...           "num_attention_heads": 2, "intermediate_size": 32}
+        >>> run = measure_run("tiny", datamodule=dm, config=config, accelerator="cpu", enable_progress_bar=False)
+        >>> run.optimizer_steps, run.real_tokens > 0
+        (5, True)
     """
     pl.seed_everything(seed, verbose=False)
     module = TransformerModule(
@@ -237,6 +257,16 @@ def measure_in_subprocess(name: str, **kwargs: Any) -> RunResult:
     Each run then starts from the same state: its peak memory is its own (none is left over from an earlier run) and
     no run warms caches for the next. The arguments must pickle (a ``TextDataModule``, callbacks and configs do). An
     exception of the run is raised here. Costs one interpreter start and import of torch/Lightning (a few seconds).
+
+    Example:
+        >>> from lightning_txopt.data.text import TextDataModule
+        >>> dm = TextDataModule(None, limit=40, max_length=32, batch_size=8)  # the demo model's tokenizer
+        >>> config = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
+        ...           "num_attention_heads": 2, "intermediate_size": 32}
+        >>> run = measure_in_subprocess("tiny", datamodule=dm, config=config, accelerator="cpu", max_steps=2,
+        ...                             enable_progress_bar=False)
+        >>> run.optimizer_steps
+        2
     """
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure_run, name, **kwargs).result()

@@ -527,6 +527,17 @@ def check_chunked_loss_support(model: nn.Module) -> None:
     Raises:
         ValueError: As :func:`lm_head_of`, or if the two logits differ (with the largest difference); the message
             says to compute the loss unchunked instead.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> check_chunked_loss_support(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)))
+        >>> from transformers import Gemma2Config, Gemma2ForCausalLM
+        >>> gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, head_dim=8,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+        >>> check_chunked_loss_support(gemma)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...final_logit_softcapping...
     """
     head = lm_head_of(model)
     base: Any = model.base_model

@@ -68,6 +68,11 @@ class BudgetSearch:
         stopped: Why the search stopped: ``"bracketed"`` (a budget one step larger did not fit), ``"max_tokens"``
             (the upper bound fits), ``"saturated"`` (memory did not grow over a doubling of the budget: larger budgets
             do not change the batches), ``"max_probes"`` or ``"min_tokens does not fit"``.
+
+    Example:
+        >>> found = search_token_budget(lambda n: 1000 + 10.0 * n, limit=50_000, min_tokens=64)
+        >>> found.max_tokens, found.stopped, found.max_tokens * 10 + 1000 <= 50_000
+        (4800, 'bracketed', True)
     """
 
     max_tokens: int | None
@@ -300,6 +305,12 @@ class CheckpointingChoice:
             ``every_n_layers`` is then 1).
         probes: ``(every_n_layers, peak)`` of every probe in probing order (``None`` interval: no checkpointing;
             ``None`` peak: out of memory).
+
+    Example:
+        >>> peaks = {None: 900, 1: 300, 2: 500, 3: 620, 6: 780}  # peak by every_n_layers (None: no checkpointing)
+        >>> choice = choose_checkpointing(peaks.get, 6, limit=600)
+        >>> choice.every_n_layers, choice.checkpointed, choice.fits
+        (2, 3, True)
     """
 
     every_n_layers: int | None
@@ -384,6 +395,14 @@ class DeviceMemory:
 
     A probe runs inside :meth:`tracking` and reads :meth:`peak` after it; :meth:`release` runs after each probe.
     The base class is an interface; :class:`CudaMemory` is the default implementation.
+
+    Example:
+        >>> memory = SavedTensorsMemory(capacity=2**20)  # a DeviceMemory that estimates, on any device
+        >>> x = torch.randn(64, 64, requires_grad=True)
+        >>> with memory.tracking(torch.device("cpu")):
+        ...     (x.exp() * 2).sum().backward()
+        >>> memory.peak(torch.device("cpu"))  # bytes saved for backward: exp's output, 64 x 64 fp32
+        16384
     """
 
     def check(self, device: torch.device) -> None:
@@ -436,6 +455,10 @@ class CudaMemory(DeviceMemory):
 
     Raises:
         ValueError: On another ``peak``.
+
+    Example:
+        >>> CudaMemory(peak="allocated").peak_kind
+        'allocated'
     """
 
     def __init__(self, peak: Literal["reserved", "allocated"] = "reserved") -> None:

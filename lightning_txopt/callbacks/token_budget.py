@@ -142,6 +142,23 @@ class StepProber:
 
     Raises:
         ValueError: Without exactly one optimizer, or with ``steps < 1``.
+
+    Example:
+        >>> from lightning_txopt import BucketDataModule, TransformerModule
+        >>> from lightning_txopt.memory import SavedTensorsMemory
+        >>> class Probe(pl.Callback):
+        ...     def on_fit_start(self, trainer, pl_module):
+        ...         prober = StepProber(trainer, pl_module, SavedTensorsMemory(capacity=2**30))
+        ...         self.peak = prober.measure(lambda: trainer.datamodule.probe_batches(64))
+        >>> samples = [{"input_ids": list(range(1, n + 1)), "labels": n % 2} for n in (3, 9, 4, 8, 5, 7)]
+        >>> module = TransformerModule(config={"model_type": "bert", "vocab_size": 20, "hidden_size": 16,
+        ...     "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}, num_labels=2)
+        >>> probe = Probe()
+        >>> pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        ...            enable_progress_bar=False, enable_model_summary=False, callbacks=[probe]).fit(
+        ...     module, datamodule=BucketDataModule(samples, pad_token_id=0, max_tokens=64))
+        >>> probe.peak > 0  # bytes saved for backward by the probe steps (state restored after)
+        True
     """
 
     def __init__(

@@ -16,7 +16,13 @@ __all__ = ["FortuneRecord", "fortunes_path", "load_fortunes"]
 
 
 class FortuneRecord(TypedDict):
-    """One record of the corpus."""
+    """One record of the corpus.
+
+    Example:
+        >>> record: FortuneRecord = load_fortunes(limit=1)[0]
+        >>> sorted(record)
+        ['label', 'text']
+    """
 
     text: str
     label: str

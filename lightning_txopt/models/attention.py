@@ -262,6 +262,18 @@ def varlen_attention_forward(
     Raises:
         ValueError: For a packed call with an additive position bias (T5's relative attention), which neither path
             can apply per segment.
+
+    Example:
+        >>> class Attention(nn.Module):
+        ...     is_causal = True
+        >>> q = k = v = torch.randn(1, 2, 5, 8)  # (batch, heads, tokens, dim): two samples of 3 and 2 tokens
+        >>> cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+        >>> out, _ = varlen_attention_forward(Attention(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+        ...                                   max_length_q=3, max_length_k=3)
+        >>> second = q[:, :, 3:]
+        >>> alone = torch.nn.functional.scaled_dot_product_attention(second, second, second, is_causal=True)
+        >>> tuple(out.shape), torch.allclose(out[:, 3:], alone.transpose(1, 2), atol=1e-6)
+        ((1, 5, 2, 8), True)
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

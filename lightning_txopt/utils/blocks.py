@@ -20,6 +20,12 @@ class BlockList:
         name: Qualified name of the container (e.g. ``"bert.encoder.layer"``).
         container: The ``nn.ModuleList``/``nn.Sequential``/``nn.ModuleDict`` itself (a ``ModuleDict``'s blocks are
             taken in insertion order).
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> found = find_block_list(nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False))
+        >>> found.name, len(found), type(found.blocks[0]).__name__
+        ('layers', 3, 'TransformerEncoderLayer')
     """
 
     name: str
@@ -141,6 +147,13 @@ def model_configs(model: nn.Module) -> Iterator[object]:
 
     Hugging Face encoder-decoders give each stack its own copy of the configuration (T5's decoder), and multimodal
     models nest text configs; a setting changed on the top config only does not reach them.
+
+    Example:
+        >>> from transformers import T5Config, T5ForConditionalGeneration
+        >>> t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,
+        ...                                          num_heads=2))
+        >>> len(list(model_configs(t5)))  # the model's, the encoder stack's and the decoder stack's
+        3
     """
     seen: set[int] = set()
     pending = [getattr(m, "config", None) for m in model.modules()]
