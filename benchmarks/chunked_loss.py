@@ -43,7 +43,9 @@ from lightning_txopt.losses import chunked_linear_cross_entropy, shift_labels
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_inputs(rows: int, seq: int, hidden: int, vocab: int, device: torch.device, seed: int = 0):
+def make_inputs(
+    rows: int, seq: int, hidden: int, vocab: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     h = torch.randn(rows, seq, hidden, generator=gen).to(device).requires_grad_()
     w = (torch.randn(vocab, hidden, generator=gen) * hidden**-0.5).to(device).requires_grad_()
@@ -63,9 +65,11 @@ def flat_reference(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> to
     return F.cross_entropy(logits, shift_labels(labels).view(-1), ignore_index=-100, reduction="sum")
 
 
-def chunked(
-    chunk_size: int, recompute: bool | None
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(hidden, weight, labels) -> summed loss``: one variant the benchmark measures."""
+
+
+def chunked(chunk_size: int, recompute: bool | None) -> LossFn:
     def run(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = shift_labels(labels)
         return chunked_linear_cross_entropy(h, w, labels, chunk_size=chunk_size, reduction="sum", recompute=recompute)
@@ -73,7 +77,7 @@ def chunked(
     return run
 
 
-def step(fn, h, w, labels, dtype: torch.dtype) -> torch.Tensor:
+def step(fn: LossFn, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     h.grad = w.grad = None
     with torch.autocast(h.device.type, dtype=dtype, enabled=dtype != torch.float32):
         loss = fn(h, w, labels)
@@ -81,7 +85,7 @@ def step(fn, h, w, labels, dtype: torch.dtype) -> torch.Tensor:
     return loss.detach()
 
 
-def peak_bytes(fn, h, w, labels, dtype: torch.dtype) -> int:
+def peak_bytes(fn: LossFn, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> int:
     """Peak allocation during one forward + backward, above what was allocated before it."""
     h.grad = w.grad = None
     if h.is_cuda:
@@ -105,7 +109,9 @@ def peak_bytes(fn, h, w, labels, dtype: torch.dtype) -> int:
     return max(e["Total Allocated"] for e in events) - start
 
 
-def timed_ms(fn, h, w, labels, dtype: torch.dtype, repeats: int, warmup: int) -> float:
+def timed_ms(
+    fn: LossFn, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype, repeats: int, warmup: int
+) -> float:
     for _ in range(warmup):
         step(fn, h, w, labels, dtype)
     times = []
@@ -154,7 +160,10 @@ def main() -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     h, w, labels = make_inputs(args.rows, args.tokens // args.rows, args.hidden, args.vocab, device)
 
-    variants = [("unchunked, as TransformerModule today", module_today), ("unchunked, flat", flat_reference)]
+    variants: list[tuple[str, LossFn]] = [
+        ("unchunked, as TransformerModule today", module_today),
+        ("unchunked, flat", flat_reference),
+    ]
     default_recompute = dtype == torch.float16
     variants += [
         (f"chunked, chunk {c}" + (", recompute" if default_recompute else ""), chunked(c, None)) for c in chunk_sizes

@@ -381,7 +381,7 @@ def lightning_row(
     dm = CountingDataModule(
         workload.samples,
         pad_token_id=0,
-        strategy=strategy,  # type: ignore[arg-type]
+        strategy=strategy,
         max_tokens=budget,
         max_length=max_length,
         pad_to_lengths=pad_to_lengths,

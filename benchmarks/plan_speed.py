@@ -14,8 +14,7 @@ Lengths are drawn (with replacement) from the embedded corpus's distribution. Th
    and its ``LengthGroupedSampler`` batched by a ``BatchSampler``, as the Trainer iterates it) when importable
    (target: the sampler end to end >= 5x ``get_length_grouped_indices``).
 
-The planners are imported from ``lightning_txopt.data.planning``, or from ``lightning_txopt.data.packing`` where
-``best_fit_decreasing`` still lives there.
+The planners are imported from ``lightning_txopt.data.planning``.
 """
 
 from __future__ import annotations
@@ -31,12 +30,7 @@ import torch
 from _common import corpus_lengths, environment, markdown_table
 
 from lightning_txopt.data import BucketBatchSampler
-from lightning_txopt.data.planning import plan_epoch
-
-try:  # moving from packing to planning (issue #15)
-    from lightning_txopt.data.planning import best_fit_decreasing  # type: ignore[attr-defined]
-except ImportError:
-    from lightning_txopt.data.packing import best_fit_decreasing
+from lightning_txopt.data.planning import best_fit_decreasing, plan_epoch
 
 BUDGET = 16384
 PACK_LENGTH = 512

@@ -277,7 +277,8 @@ class _AutoCheckpointing(Callback):
         self.choice: Any = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = pl_module.model  # type: ignore[attr-defined]
+        assert isinstance(pl_module, TransformerModule), f"expected a TransformerModule, got {type(pl_module).__name__}"
+        model = pl_module.model
 
         def apply(every_n_layers: int | None) -> None:
             disable_gradient_checkpointing(model)

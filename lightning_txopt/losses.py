@@ -182,7 +182,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -362,7 +362,7 @@ def _apply_eagerly(*args: Any) -> torch.Tensor:
     forward's and saves every chunk's logits for backward instead: all ``(N, V)`` of them, the memory this function
     exists to avoid (``tests/test_losses.py`` checks the saved tensors of a compiled caller).
     """
-    return _ChunkedLinearCrossEntropy.apply(*args)  # type: ignore[no-any-return]
+    return _ChunkedLinearCrossEntropy.apply(*args)
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face models

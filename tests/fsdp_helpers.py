@@ -18,7 +18,7 @@ from torch import nn
 from lightning_txopt.module import TransformerModule
 from lightning_txopt.utils.blocks import find_block_lists
 from lightning_txopt.utils.sharding import clean_name
-from tests.helpers import tiny_bert
+from tests.helpers import tensor_sum, tiny_bert
 
 REDUCE_COLLECTIVES = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single")
 
@@ -155,7 +155,8 @@ class ShardedSumModule(pl.LightningModule):
         self._counting = [0]
 
     def on_after_backward(self) -> None:
-        probe = self.model.bert.encoder.layer[-1].output.dense.weight
+        last: Any = self.model.bert.encoder.layer[-1]  # a BertLayer, or its FSDP1 wrapper (which forwards attributes)
+        probe = last.output.dense.weight
         self.grad_present_after_backward.append(probe.grad is not None)
         self._counted = self._counting[0] if self._counting is not None else 0
         self._counting = None
@@ -238,9 +239,9 @@ def reference_window_gradient(
         params[name].requires_grad_(False)
     if reduction == "sum":
         items = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-        total = sum(ref.loss(b) for b in micro_batches) / items
+        total = tensor_sum(ref.loss(b) for b in micro_batches) / items
     else:
-        total = sum(ref.loss(b) for b in micro_batches) / len(micro_batches)
+        total = tensor_sum(ref.loss(b) for b in micro_batches) / len(micro_batches)
     total.backward()
     return {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from transformers import BertConfig, BertForSequenceClassification
+
+T = TypeVar("T")
 
 VOCAB = 64
 # tiny configs as dicts (TransformerModule(config=...), YAML-style)
@@ -215,7 +221,7 @@ class ModelModule(pl.LightningModule):
 
 
 def assert_close_relative(
-    actual: torch.Tensor, expected: torch.Tensor, rel: float, msg: str = "", atol: float = 1e-9
+    actual: torch.Tensor | None, expected: torch.Tensor, rel: float, msg: str = "", atol: float = 1e-9
 ) -> None:
     """``max |actual - expected| <= rel * max |expected|``: a tolerance relative to the tensor's scale.
 
@@ -226,6 +232,25 @@ def assert_close_relative(
     scale = float(expected.detach().abs().max()) or 1.0
     error = float((actual.detach().float() - expected.detach().float()).abs().max())
     assert error <= rel * scale + atol, f"{msg}: max error {error:.3g} > {rel:g} x {scale:.3g}"
+
+
+def as_dataset(samples: Sequence[T]) -> Dataset[T]:
+    """A list as a map-style dataset: what ``DataLoader`` takes at runtime (its annotation asks for a ``Dataset``)."""
+    return cast("Dataset[T]", samples)
+
+
+def one_loader(loaders: DataLoader | list[DataLoader]) -> DataLoader:
+    """The loader of a ``*_dataloader()`` hook that may return a list (``val_dataloader``), asserting it is one."""
+    assert isinstance(loaders, DataLoader), f"expected one DataLoader, got {loaders!r}"
+    return loaders
+
+
+def tensor_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(tensors)`` of at least one tensor, typed as a tensor (the builtin's start 0 types it ``Tensor | int``).
+
+    The same additions in the same order as the builtin's: ``0 + t`` is ``t``.
+    """
+    return functools.reduce(operator.add, tensors)
 
 
 def assert_same_gradients(

@@ -90,11 +90,15 @@ def test_example_runs(script, command):
     proc = subprocess.run(cmd, cwd=EXAMPLES, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"real tokens/s", proc.stdout), proc.stdout
-    made = int(re.search(r"(\d+) optimizer steps", proc.stdout).group(1))
+    found = re.search(r"(\d+) optimizer steps", proc.stdout)
+    assert found is not None, proc.stdout
+    made = int(found.group(1))
     assert (made == steps) if steps is not None else (1 <= made <= 3), proc.stdout
     if script == "token_budget.py":
         assert re.search(r"TokenBudgetFinder chose max_tokens=\d+", proc.stdout), proc.stdout
     if script == "predict.py":
         metrics = ast.literal_eval(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
-        accuracy = float(re.search(r"predictions in dataset order: accuracy ([0-9.]+)", proc.stdout).group(1))
+        found = re.search(r"predictions in dataset order: accuracy ([0-9.]+)", proc.stdout)
+        assert found is not None, proc.stdout
+        accuracy = float(found.group(1))
         assert accuracy == pytest.approx(metrics["val_acc"], abs=1e-4)

@@ -165,10 +165,11 @@ def test_backward_twice_with_retained_graph():
 # ------------------------------------------------------------------------------------------------ low precision
 def _truth(h, w, b, y, dtype):
     """fp64 loss and gradients of what autocast computes: the logits of ``dtype``-rounded inputs."""
-    leaves = [t.detach().to(dtype).double().requires_grad_() if t is not None else None for t in (h, w, b)]
-    loss = F.cross_entropy(F.linear(*leaves), y, ignore_index=-100, reduction="sum")
+    hd, wd = (t.detach().to(dtype).double().requires_grad_() for t in (h, w))
+    bd = b.detach().to(dtype).double().requires_grad_() if b is not None else None
+    loss = F.cross_entropy(F.linear(hd, wd, bd), y, ignore_index=-100, reduction="sum")
     loss.backward()
-    return loss.detach(), [t.grad for t in leaves if t is not None]
+    return loss.detach(), [t.grad for t in (hd, wd, bd) if t is not None]
 
 
 @pytest.mark.parametrize("recompute", [None, True])
@@ -296,10 +297,10 @@ def test_peak_cpu_memory_grows_with_the_chunk_not_with_n(recompute, autocast):
     hidden, vocab, chunk = 16, 2000, 128
     peaks = {}
     for n in (1024, 4096):
-        args = make(n=n, hidden=hidden, vocab=vocab)
+        h, w, b, y = make(n=n, hidden=hidden, vocab=vocab)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            peaks[n] = cpu_peak_bytes(functools.partial(_chunked_step, *args, chunk, recompute))
-            ref_peak = cpu_peak_bytes(functools.partial(_reference_step, *args))
+            peaks[n] = cpu_peak_bytes(functools.partial(_chunked_step, h, w, b, y, chunk, recompute))
+            ref_peak = cpu_peak_bytes(functools.partial(_reference_step, h, w, b, y))
         assert ref_peak >= 3 * n * vocab * 4
         gradients = (n * hidden + vocab * hidden + vocab) * 4 * 2  # the inputs' gradients, fp32 accumulators
         chunks = 2.5 if autocast else 1.2

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning_txopt.callbacks import AccumulationScheduler
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule, linear_warmup_decay
-from tests.helpers import BERT_DICT, VOCAB, cpu_trainer, make_samples
+from tests.helpers import BERT_DICT, VOCAB, cpu_trainer, make_samples, one_loader
 
 BERT = BERT_DICT
 GPT2 = {
@@ -38,7 +38,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="exactly one of"):
         TransformerModule()
     with pytest.raises(ValueError, match="task"):
-        TransformerModule(config=BERT, task="translation")
+        TransformerModule(config=BERT, task="translation")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="model_type"):
         TransformerModule(config={"hidden_size": 8})
 
@@ -52,7 +52,7 @@ def test_classification_validation_accuracy_matches_a_manual_count():
     correct = total = 0
     loss_sum = 0.0
     with torch.no_grad():
-        for batch in dm.val_dataloader():
+        for batch in one_loader(dm.val_dataloader()):
             logits = module.model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}).logits
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             total += len(batch["labels"])

@@ -3,9 +3,10 @@
 Each cell is exact against an independent reference (fp32: each packed sample's logits and the loss's gradients
 equal those of the sample run alone within 1e-5 relative; a bucketed batch's loss equals the Hugging Face model's
 own loss; the first update under ``AccumulationScheduler(normalize="tokens")`` is the window's gradient computed by
-hand, every item loss over the window's item count) or refused with a ``ValueError`` at the first packed batch that names the model, the reason and the
-alternative. ``EXPECTED`` is the matrix; ``docs/support.md`` is rendered from it and from
-``tests/test_support_model_techniques.py`` (``python -m tests.support_table``; a test checks the page is current).
+hand, every item loss over the window's item count) or refused with a ``ValueError`` at the first packed batch that
+names the model, the reason and the alternative. ``EXPECTED`` is the matrix; ``docs/support.md`` is rendered from it
+and from ``tests/test_support_model_techniques.py`` (``python -m tests.support_table``; a test checks the page is
+current).
 
 Samples are up to 24 tokens long, three times the zoo's attention windows, so a window that is ignored shows.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import pytest
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from lightning_txopt.callbacks import AccumulationScheduler
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.data.packing import PackingCollator
-from lightning_txopt.module import TransformerModule
-from tests.helpers import assert_close_relative, assert_same_gradients, cpu_trainer
+from lightning_txopt.module import Task, TransformerModule
+from tests.helpers import assert_close_relative, assert_same_gradients, cpu_trainer, tensor_sum
 from tests.zoo import FAMILIES, VOCAB, WINDOW
 
 BUCKET_CLS = "bucketed classification"
@@ -66,7 +67,7 @@ def _samples(family: str, task: str, seed: int = 0) -> list[dict]:
     return out
 
 
-def _module(family: str, task: str) -> TransformerModule:
+def _module(family: str, task: Task) -> TransformerModule:
     torch.manual_seed(0)
     return TransformerModule(config=FAMILIES[family].config_dict(), task=task, num_labels=3)
 
@@ -79,7 +80,7 @@ def _alone(model, sample, task):
     return logits[0], F.cross_entropy(logits, torch.tensor([sample["labels"]]), reduction="sum")
 
 
-def _check_bucketed(family: str, task: str) -> None:
+def _check_bucketed(family: str, task: Task) -> None:
     module = _module(family, task)
     samples = _samples(family, task)
     dm = BucketDataModule(samples, pad_token_id=0, batch_size=len(samples), shuffle=False)
@@ -95,7 +96,7 @@ def _check_bucketed(family: str, task: str) -> None:
     assert int(items) == (sum(n - 1 for n in LENGTHS) if task == "causal-lm" else len(LENGTHS))
 
 
-def _check_packed(family: str, task: str) -> None:
+def _check_packed(family: str, task: Task) -> None:
     module = _module(family, task)
     reference = copy.deepcopy(module.model)
     samples = _samples(family, task)
@@ -105,10 +106,10 @@ def _check_packed(family: str, task: str) -> None:
     if logits is None:  # causal LMs: the chunked loss never forms them
         with torch.no_grad():
             logits = module.forward_logits(batch)
-    ref_loss = 0.0
+    ref_losses = []
     for i, sample in enumerate(samples):
         ref_logits, ref_i = _alone(reference, sample, task)
-        ref_loss = ref_loss + ref_i
+        ref_losses.append(ref_i)
         if task == "causal-lm":
             r, c = batch["cls_index"][i].tolist()
             got = logits[r, c : c + len(sample["input_ids"])]
@@ -116,6 +117,7 @@ def _check_packed(family: str, task: str) -> None:
             got = logits[i]
         assert_close_relative(got, ref_logits, 1e-5, f"sample {i} logits")
     assert int(items) == (sum(n - 1 for n in LENGTHS) if task == "causal-lm" else len(LENGTHS))
+    ref_loss = tensor_sum(ref_losses)
     assert_close_relative(loss, ref_loss, 1e-5, "packed loss")
     loss.backward()
     ref_loss.backward()
@@ -134,7 +136,9 @@ def _check_packed_eval(family: str) -> None:
     trainer = cpu_trainer()
     metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
     tested = trainer.test(module, datamodule=dm, verbose=False)[0]
-    outputs = trainer.predict(module, datamodule=dm)
+    predicted = trainer.predict(module, datamodule=dm)
+    assert predicted is not None
+    outputs = cast("list[dict[str, torch.Tensor]]", predicted)  # one predict loader: a list of batch outputs
     with torch.no_grad():
         alone = [_alone(reference, s, "sequence-classification") for s in samples]
     ref_loss = sum(float(loss) for _, loss in alone) / len(samples)
@@ -146,7 +150,7 @@ def _check_packed_eval(family: str) -> None:
         assert_close_relative(got[i], logits, 1e-5, f"prediction {i}")
 
 
-def _check_accumulation(family: str, task: str) -> None:
+def _check_accumulation(family: str, task: Task) -> None:
     """``AccumulationScheduler({0: 2}, normalize="tokens")`` through a Trainer: the gradient of the first update is
     the exact window gradient (every item loss of both micro-batches over the window's item count), by hand."""
     samples = _samples(family, task) + _samples(family, task, seed=1)
@@ -173,11 +177,12 @@ def _check_accumulation(family: str, task: str) -> None:
     window = [next(loader), next(loader)]
     probe = _module(family, task)
     probe.model = reference
-    total, items = 0.0, 0
+    losses, items = [], 0
     for batch in window:
         loss, n, _ = probe.loss_and_items(batch, "sum")
-        total, items = total + loss, items + int(n)
-    (total / items).backward()
+        losses.append(loss)
+        items += int(n)
+    (tensor_sum(losses) / items).backward()
     assert captured
     for name, p in reference.named_parameters():
         if p.grad is not None and name in captured:

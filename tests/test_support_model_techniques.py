@@ -21,12 +21,13 @@ import torch
 from lightning_txopt.callbacks.freeze_embeddings import FreezeEmbeddings, freeze_embeddings
 from lightning_txopt.callbacks.gradient_checkpointing import (
     GradientCheckpointing,
+    Mode,
     enable_gradient_checkpointing,
     selective_checkpointing_available,
 )
 from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, share_layers
 from tests.callbacks.test_parameter_sharing import assert_sharing_exact, weight_copy_reference
-from tests.helpers import ModelModule, cpu_trainer
+from tests.helpers import ModelModule, as_dataset, cpu_trainer
 from tests.zoo import FAMILIES, VOCAB
 
 FREEZE_TIED = "freeze (tied)"
@@ -97,12 +98,12 @@ def _one_thread():
 def build(family: str) -> Any:
     fam = FAMILIES[family]
     if family == "t5":
-        from transformers import AutoConfig, T5ForConditionalGeneration
+        from transformers import T5Config, T5ForConditionalGeneration
 
         cfg = fam.config_dict()
         cfg.pop("model_type")
         torch.manual_seed(0)
-        return T5ForConditionalGeneration(AutoConfig.for_model("t5", **cfg)).train()
+        return T5ForConditionalGeneration(T5Config(**cfg)).train()
     return fam.build("causal-lm" if fam.causal_lm else "sequence-classification")
 
 
@@ -181,7 +182,7 @@ def _freeze_cell(family: str, untie: bool) -> None:
 class CountForwards:
     """Counts calls of a block class's ``forward`` (a checkpoint's recomputation calls it directly)."""
 
-    def __init__(self, cls: type) -> None:
+    def __init__(self, cls: type[torch.nn.Module]) -> None:
         self.cls, self.original, self.n = cls, cls.forward, 0
 
     def __enter__(self) -> CountForwards:
@@ -191,11 +192,11 @@ class CountForwards:
             self.n += 1
             return original(module, *args, **kwargs)
 
-        self.cls.forward = counting  # type: ignore[method-assign]
+        self.cls.forward = counting
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.cls.forward = self.original  # type: ignore[method-assign]
+        self.cls.forward = self.original
 
 
 def _checkpointing_cell(family: str, technique: str) -> None:
@@ -280,7 +281,7 @@ def test_cell(family, technique):
 
 
 def _loader(family: str, steps: int = 2) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader([batch_of(family, seed=s) for s in range(steps)], batch_size=None)
+    return torch.utils.data.DataLoader(as_dataset([batch_of(family, seed=s) for s in range(steps)]), batch_size=None)
 
 
 def _fit(module: ModelModule, family: str, callbacks: list) -> ModelModule:
@@ -297,19 +298,19 @@ def test_callback_freeze_embeddings_on_t5():
     reference = ModelModule(build("t5"), lr=0.1)
     for name in INPUT_EMBEDDINGS["t5"]:  # by hand; the tied head is frozen with them (untie=False)
         reference.model.get_parameter(name).requires_grad_(False)
-    before = reference.model.shared.weight.detach().clone()
+    before = reference.model.get_parameter("shared.weight").detach().clone()
     _fit(reference, "t5", [])
     module = ModelModule(build("t5"), lr=0.1)
     with pytest.warns(UserWarning, match="is shared with"):
         _fit(module, "t5", [FreezeEmbeddings()])
     assert frozen_names(module.model) == set(INPUT_EMBEDDINGS["t5"]) | {"lm_head.weight"}
-    torch.testing.assert_close(module.model.shared.weight, before, rtol=0, atol=0)
+    torch.testing.assert_close(module.model.get_parameter("shared.weight"), before, rtol=0, atol=0)
     _assert_same_parameters(module, reference)
 
 
 def test_callback_wrapper_checkpointing_on_t5():
     reference = _fit(ModelModule(build("t5"), lr=0.1), "t5", [])
-    mode = "selective" if selective_checkpointing_available() else "full"
+    mode: Mode = "selective" if selective_checkpointing_available() else "full"
     callback = GradientCheckpointing(prefer_native=False, every_n_layers=2, mode=mode)
     module = _fit(ModelModule(build("t5"), lr=0.1), "t5", [callback])
     assert callback.plan is not None and callback.plan.block_lists == ("encoder.block", "decoder.block")
@@ -321,7 +322,7 @@ def test_callback_parameter_sharing_on_llama_and_its_refusal_on_modernbert():
     share_layers(reference, num_unique_layers=1, strategy="all")
     _fit(reference, "llama", [])
     module = _fit(ModelModule(build("llama"), lr=0.1), "llama", [ParameterSharing(1, strategy="all")])
-    assert module.model.model.layers[0] is module.model.model.layers[1]
+    assert module.model.get_submodule("model.layers.0") is module.model.get_submodule("model.layers.1")
     _assert_same_parameters(module, reference)
     with pytest.raises(
         ValueError, match=r"ModelModule \(ModernBertForSequenceClassification\): position 1 of model.model.layers"

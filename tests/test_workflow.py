@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ README = Path(__file__).parents[1] / "README.md"
 def _readme_block(heading: str) -> str:
     text = README.read_text()
     section = text[text.index(heading) :]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found is not None, f"no python block under {heading!r} in README.md"
+    return found.group(1)
 
 
 class _Tokenizer:
@@ -44,7 +47,7 @@ def test_readme_snippet_runs_as_written(tmp_path, in_process_ddp):
     code = _readme_block("## Use it")
     tiny_bert(num_labels=40).save_pretrained(tmp_path / "model")
     code = code.replace('"path/to/local/model"', repr(str(tmp_path / "model")))
-    namespace = {
+    namespace: dict[str, Any] = {
         "tokenised_train": make_samples(64, seed=1, num_labels=40),
         "tokenised_val": make_samples(16, seed=2, num_labels=40),
         "tokenised_test": make_samples(12, seed=3, num_labels=40),
@@ -64,7 +67,7 @@ def test_readme_snippet_runs_as_written(tmp_path, in_process_ddp):
     assert predictions["index"].tolist() == list(range(12)) and predictions["logits"].shape == (12, 40)
 
 
-def _dm(**kwargs) -> BucketDataModule:
+def _dm(**kwargs: Any) -> BucketDataModule:
     return BucketDataModule(
         make_samples(90, seed=1), make_samples(20, seed=2), pad_token_id=0, max_tokens=160, **kwargs
     )
@@ -75,7 +78,9 @@ def test_ddp_on_one_process_needs_nothing_switched_off(in_process_ddp):
     trainer = cpu_trainer(max_epochs=1, strategy="ddp", devices=1)
     trainer.fit(model, datamodule=_dm())
     assert sorted(i for b in model.seen for i in b) == list(range(90))
-    assert type(trainer.train_dataloader.batch_sampler).__name__ == "BucketBatchSampler"
+    loader = trainer.train_dataloader
+    assert loader is not None
+    assert type(loader.batch_sampler).__name__ == "BucketBatchSampler"
 
 
 @pytest.mark.ddp
@@ -95,7 +100,7 @@ def test_predictions_in_restored_order_equal_batch_of_one_forwards(strategy):
     samples = make_samples(40, seed=4)
     for s in samples:
         del s["labels"]  # prediction data need no labels
-    extra = dict(max_length=48) if strategy == "packed" else {}
+    extra: dict[str, Any] = dict(max_length=48) if strategy == "packed" else {}
     dm = BucketDataModule(predict_dataset=samples, pad_token_id=0, max_tokens=128, strategy=strategy, **extra)
     module = TransformerModule(config=BERT_DICT, num_labels=3)
     out = restore_order(cpu_trainer().predict(module, datamodule=dm))

@@ -266,7 +266,7 @@ def enable_gradient_checkpointing(
             if id(block) in done:
                 continue  # a block shared by several positions is wrapped once
             done.add(id(block))
-            block.forward = _CheckpointedForward(block, mode)  # type: ignore[method-assign]
+            block.forward = _CheckpointedForward(block, mode)
         start += len(found)
     disable_kv_cache(model)
     return CheckpointingPlan("wrap", lists[0].name, tuple(checkpointed), start, mode, *_names_and_sizes(lists))

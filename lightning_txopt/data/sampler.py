@@ -173,7 +173,7 @@ class BucketBatchSampler(BatchSampler):
         self._skip = 0  # batches to skip at the next __iter__ (resume)
         self._yielded = 0  # batches yielded by the running iteration
         self._cache: tuple[int, EpochPlan] | None = None
-        self.sampler = _RankSampler(self)  # type: ignore[assignment]
+        self.sampler = _RankSampler(self)
         self._check()  # fail here, not mid-training: an oversize sample, too little data for the ranks
 
     def _check(self) -> None:

@@ -251,7 +251,7 @@ def _head_logits(model: nn.Module, pooled: torch.Tensor, output_type: type) -> t
     # decoder heads read the ids only to find each row's last non-padding token: give one token that is not padding
     # (a model without a pad token gets -1 for the call, which no id equals: every packed sample is one row here)
     token = (pad + 1) % max(int(getattr(config, "vocab_size", 2) or 2), 2) if isinstance(pad, int) else 0
-    base.forward = _PooledBase(base, states, output_type)  # type: ignore[method-assign]
+    base.forward = _PooledBase(base, states, output_type)
     if pad is None and config is not None:
         config.pad_token_id = -1
     try:

@@ -63,7 +63,7 @@ def _children(container: Container) -> list[nn.Module]:
 def _is_candidate(module: nn.Module, block_classes: Sequence[str] | None) -> bool:
     if not isinstance(module, Container) or len(module) < 2:
         return False
-    children = _children(module)  # type: ignore[arg-type]
+    children = _children(module)
     if block_classes is not None:
         return all(_class_matches(c, block_classes) for c in children)
     first = type(children[0])

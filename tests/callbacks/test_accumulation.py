@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from lightning_txopt.callbacks.accumulation import (
     window_end,
 )
 from lightning_txopt.data import BucketDataModule
-from tests.helpers import BERT_DICT, ModelModule, cpu_trainer, make_samples, tiny_bert
+from tests.helpers import BERT_DICT, ModelModule, cpu_trainer, make_samples, tensor_sum, tiny_bert
 
 GPT2_DICT: dict[str, Any] = {
     "model_type": "gpt2",
@@ -99,8 +100,10 @@ def _samples(n: int = 40) -> list[dict]:
     return samples
 
 
-def _dm(**kwargs) -> BucketDataModule:
-    defaults = dict(pad_token_id=0, max_tokens=96, seed=4)  # token budget: uneven samples per micro-batch
+def _dm(**kwargs: Any) -> BucketDataModule:
+    defaults: dict[str, Any] = dict(
+        pad_token_id=0, max_tokens=96, seed=4
+    )  # token budget: uneven samples per micro-batch
     defaults.update(kwargs)
     return BucketDataModule(_samples(), **defaults)
 
@@ -138,11 +141,16 @@ def _reference_grad(params: dict, micro: list[dict], normalize: str) -> dict[str
     module.model.zero_grad()
     if normalize == "tokens":
         items = sum(int((b["labels"] != -100).sum()) for b in micro)
-        total = sum(module.loss(b) for b in micro) / items
+        total = tensor_sum(module.loss(b) for b in micro) / items
     else:
-        total = sum(module.loss(b) for b in micro) / len(micro)
+        total = tensor_sum(module.loss(b) for b in micro) / len(micro)
     total.backward()
     return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+def _prefixed(prefix: str) -> Callable[[str], str]:
+    """An ``assert_close`` message: ``prefix`` before its own."""
+    return lambda message: f"{prefix}: {message}"
 
 
 def _check_windows(module: SumLossModule, normalize: str, expected_sizes: list[int]) -> None:
@@ -153,9 +161,7 @@ def _check_windows(module: SumLossModule, normalize: str, expected_sizes: list[i
         ref = _reference_grad(before, module.micro_batches[start:end], normalize)
         for name, g in ref.items():
             delta = before[name] - after[name]
-            torch.testing.assert_close(
-                delta, g, rtol=1e-5, atol=1e-7, msg=lambda m, s=start, e=end, n=name: f"window {s}:{e} {n}: {m}"
-            )
+            torch.testing.assert_close(delta, g, rtol=1e-5, atol=1e-7, msg=_prefixed(f"window {start}:{end} {name}"))
 
 
 def _expected_sizes(
@@ -238,7 +244,7 @@ def test_count_optimizer_steps_errors():
 
 
 def test_yaml_style_keys_and_helpers():
-    assert AccumulationScheduler({"0": 2, "3": 4}).scheduling == {0: 2, 3: 4}
+    assert AccumulationScheduler({"0": 2, "3": 4}).scheduling == {0: 2, 3: 4}  # type: ignore[dict-item]  # YAML keys
     assert factor_at({2: 4}, 0) == 1
     assert int(causal_lm_items({"labels": torch.tensor([[1, 2, -100]])})) == 1
     assert int(count_label_items({"labels": torch.tensor([[1, 2, -100]])})) == 2
@@ -254,7 +260,7 @@ def test_each_step_is_the_exact_window_gradient_with_final_incomplete_window(nor
     callback = AccumulationScheduler({0: 3}, normalize=normalize)
     trainer = cpu_trainer(max_epochs=2, callbacks=[callback])
     trainer.fit(module, datamodule=_dm())
-    n = trainer.num_training_batches
+    n = int(trainer.num_training_batches)
     assert n % 3 != 0  # the last window of each epoch is incomplete
     sizes = ([3] * (n // 3) + [n % 3]) * 2
     _check_windows(module, normalize, sizes)
@@ -268,7 +274,7 @@ def test_lightning_native_accumulation_is_biased():
     trainer = cpu_trainer(max_epochs=1, accumulate_grad_batches=3)
     trainer.fit(module, datamodule=_dm())
     windows = _windows(module.snapshots)
-    n = trainer.num_training_batches
+    n = int(trainer.num_training_batches)
     assert [end - start for start, end, _, _ in windows] == [3] * (n // 3) + [n % 3]
     for start, end, before, after in windows:
         ref = _reference_grad(before, module.micro_batches[start:end], "mean")
@@ -291,7 +297,7 @@ def test_steps_and_windows_match_the_schedule(scheduling, interval, epochs, max_
     callback = AccumulationScheduler(scheduling, interval=interval, normalize=normalize)
     trainer = cpu_trainer(max_epochs=epochs, max_steps=max_steps, callbacks=[callback])
     trainer.fit(module, datamodule=_dm())
-    n = trainer.num_training_batches
+    n = int(trainer.num_training_batches)
     sizes = _expected_sizes(n, epochs, scheduling, interval, max_steps)
     assert len(sizes) == trainer.global_step == callback.optimizer_steps == module.total_steps
     _check_windows(module, normalize, sizes)
@@ -324,7 +330,7 @@ def test_mid_epoch_resume_is_the_uninterrupted_run(tmp_path, scheduling, interva
     cb = AccumulationScheduler(scheduling, interval=interval, normalize="tokens")
     trainer = cpu_trainer(max_epochs=2, callbacks=[cb, ckpt], enable_checkpointing=True)
     trainer.fit(full, datamodule=_dm(max_tokens=48))
-    n = trainer.num_training_batches
+    n = int(trainer.num_training_batches)
     sizes = _expected_sizes(n, 2, scheduling, interval)
     # a checkpoint after the factor switched and before the epoch it happened in ends
     step = 4 if interval == "step" else n + 1
@@ -359,7 +365,7 @@ def test_resume_from_a_checkpoint_inside_a_window_keeps_the_windows(tmp_path):
     cb = AccumulationScheduler(scheduling, interval="step", normalize="tokens")
     trainer = cpu_trainer(max_epochs=2, callbacks=[cb, _SaveAt(path, epoch=0, batch_idx=5)])
     trainer.fit(full, datamodule=_dm(max_tokens=48))
-    n = trainer.num_training_batches
+    n = int(trainer.num_training_batches)
     sizes = _expected_sizes(n, 2, scheduling, "step")
     assert sizes[:4] == [1, 1, 1, 4] and n > 7  # micro-batches 4-7 are one window; the checkpoint is after 6
     resumed = SumLossModule(reduction="sum")

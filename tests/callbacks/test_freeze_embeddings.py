@@ -220,13 +220,14 @@ def test_unfreeze_at_epoch_and_resume_anywhere(tmp_path):
 
 def test_frozen_for_the_first_epoch_only():
     module = ModelModule(tiny_bert(), optimizer="sgd", lr=0.5)
-    before = module.model.bert.embeddings.word_embeddings.weight.detach().clone()
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    before = module.model.get_parameter(embeddings).detach().clone()
     trainer = cpu_trainer(max_epochs=1, callbacks=[FreezeEmbeddings(unfreeze_at_epoch=1)])
     with pytest.warns(
         UserWarning, match=r"unfreeze_at_epoch=1\) with Trainer\(max_epochs=1\).*stay frozen in this run"
     ):
         trainer.fit(module, datamodule=_dm())
-    torch.testing.assert_close(module.model.bert.embeddings.word_embeddings.weight, before, rtol=0, atol=0)
+    torch.testing.assert_close(module.model.get_parameter(embeddings), before, rtol=0, atol=0)
 
 
 # --- T5: aliases of the shared table, the tied LM head, relative attention biases (issue #14) ---
@@ -234,12 +235,12 @@ def test_frozen_for_the_first_epoch_only():
 
 def _t5_lm():
     """T5ForConditionalGeneration from the zoo's tiny T5 config (the zoo builds T5 for classification only)."""
-    from transformers import AutoConfig, T5ForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
 
     cfg = dict(FAMILIES["t5"].config)
     cfg.pop("model_type")
     torch.manual_seed(0)
-    return T5ForConditionalGeneration(AutoConfig.for_model("t5", **cfg)).train()
+    return T5ForConditionalGeneration(T5Config(**cfg)).train()
 
 
 def _t5_batch(seed=0):
@@ -394,10 +395,12 @@ class _TwoOptimizers(ModelModule):
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        for opt in self.optimizers():
+        optimizers = self.optimizers()
+        assert isinstance(optimizers, list)  # configure_optimizers gives two
+        for opt in optimizers:
             opt.zero_grad()
         self.manual_backward(loss)
-        for opt in self.optimizers():
+        for opt in optimizers:
             opt.step()
 
     def configure_optimizers(self):
@@ -431,6 +434,7 @@ class _Interleaved(pl.LightningDataModule):
     the items of one process's batch 8."""
 
     def train_dataloader(self):
+        assert self.trainer is not None
         rank, world = self.trainer.global_rank, self.trainer.world_size
         subset = torch.utils.data.Subset(_Fixed(), range(rank, 32, world))
         return torch.utils.data.DataLoader(subset, batch_size=8 // world)

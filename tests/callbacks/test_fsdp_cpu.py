@@ -106,7 +106,8 @@ def test_sharing_refuses_a_wrap_policy_that_splits_shared_blocks():
     with pytest.raises(ValueError, match=r"BertLayer's attention \(BertAttention\)"):
         ParameterSharing(2).setup(_stub_trainer(FSDPStrategy(auto_wrap_policy={BertAttention})), module, "fit")
     # the holder of the block list, or no policy: one unit for all shared blocks
-    for policy in ({BertEncoder}, None):
+    policies: tuple[set[type[torch.nn.Module]] | None, ...] = ({BertEncoder}, None)
+    for policy in policies:
         ParameterSharing(2).setup(
             _stub_trainer(FSDPStrategy(auto_wrap_policy=policy)), ModelModule(tiny_bert(4)), "fit"
         )

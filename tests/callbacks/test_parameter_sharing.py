@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import cast
 
 import pytest
 import torch
+from torch import nn
+from transformers import BertForSequenceClassification
 
 from lightning_txopt.callbacks.gradient_checkpointing import enable_gradient_checkpointing
 from lightning_txopt.callbacks.parameter_sharing import ParameterSharing, layer_mapping, share_layers
@@ -98,13 +101,13 @@ def test_counts_parameters_once_and_bert_base_target():
 
 def test_init_first_and_average():
     model = PlainTransformer(num_layers=4)
-    originals = [copy.deepcopy(layer) for layer in model.layers]
+    originals = [cast(nn.TransformerEncoderLayer, copy.deepcopy(layer)) for layer in model.layers]
     share_layers(model, num_unique_layers=2, strategy="sequence", init="first")
-    torch.testing.assert_close(model.layers[1].linear1.weight, originals[0].linear1.weight)
+    torch.testing.assert_close(model.get_parameter("layers.1.linear1.weight"), originals[0].linear1.weight)
     model = PlainTransformer(num_layers=4)
     share_layers(model, num_unique_layers=2, strategy="sequence", init="average")
     expected = (originals[2].linear1.weight + originals[3].linear1.weight) / 2
-    torch.testing.assert_close(model.layers[3].linear1.weight, expected)
+    torch.testing.assert_close(model.get_parameter("layers.3.linear1.weight"), expected)
     assert model.layers[2] is model.layers[3] and model.layers[0] is not model.layers[2]
 
 
@@ -116,7 +119,7 @@ def test_idempotent_and_conflicting_resharing():
     with pytest.raises(ValueError, match="already shared"):
         share_layers(model, num_unique_layers=2, strategy="sequence")
     with pytest.raises(ValueError, match="init"):
-        share_layers(PlainTransformer(), num_unique_layers=2, init="random")
+        share_layers(PlainTransformer(), num_unique_layers=2, init="random")  # type: ignore[arg-type]
 
 
 def test_works_with_checkpointing():
@@ -152,9 +155,10 @@ def test_checkpoint_reload_keeps_sharing_and_weights(tmp_path):
     cpu_trainer(max_epochs=1, callbacks=[ParameterSharing(2, strategy="cycle")]).fit(
         fresh, datamodule=_dm(), ckpt_path=str(shared_path)
     )  # already at max_epochs: restores, trains no further
-    layers = fresh.model.bert.encoder.layer
+    layers = cast(BertForSequenceClassification, fresh.model).bert.encoder.layer
     assert layers[0] is layers[2] and layers[1] is layers[3]
-    assert layers[0].attention.self.query.weight.data_ptr() == layers[2].attention.self.query.weight.data_ptr()
+    query = "attention.self.query.weight"
+    assert layers[0].get_parameter(query).data_ptr() == layers[2].get_parameter(query).data_ptr()
     for (k, a), b in zip(module.model.state_dict().items(), fresh.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     with pytest.raises(ValueError, match="num_unique_layers=2"):
@@ -167,7 +171,7 @@ def test_callback_argument_errors():
     with pytest.raises(ValueError, match="must be 1"):
         ParameterSharing(2, strategy="all")
     with pytest.raises(ValueError, match="strategy"):
-        ParameterSharing(2, strategy="zigzag")
+        ParameterSharing(2, strategy="zigzag")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_unique_layers"):
         ParameterSharing(0)
 

@@ -96,7 +96,7 @@ def test_keys_it_cannot_pad_are_errors():
     with pytest.raises(ValueError, match="empty"):
         PaddingCollator(0)([])
     with pytest.raises(TypeError, match="mappings"):
-        PaddingCollator(0)([[1, 2]])
+        PaddingCollator(0)([[1, 2]])  # type: ignore[list-item]
 
 
 def test_pad_sequences_matches_a_python_reference():

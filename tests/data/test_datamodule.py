@@ -1,18 +1,19 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_txopt.data.datamodule import BucketDataModule
-from tests.helpers import RecordingClassifier, cpu_trainer, make_samples
+from lightning_txopt.data.datamodule import BucketDataModule, _ResumableDataLoader
+from tests.helpers import RecordingClassifier, cpu_trainer, make_samples, one_loader
 
 
-def _dm(**kwargs) -> BucketDataModule:
-    defaults = dict(pad_token_id=0, max_tokens=160, seed=7)
+def _dm(**kwargs: Any) -> BucketDataModule:
+    defaults: dict[str, Any] = dict(pad_token_id=0, max_tokens=160, seed=7)
     defaults.update(kwargs)
     return BucketDataModule(make_samples(120, seed=1), make_samples(30, seed=2), **defaults)
 
@@ -79,7 +80,7 @@ def test_strategies_cover_every_sample_and_pad_as_promised(strategy):
     assert sorted(seen) == list(range(50))
     report = {r.strategy: r for r in dm.padding_report()}
     assert padded == report[strategy].processed_tokens  # the report counts what the loader really pads
-    assert sorted(i for b in dm.val_dataloader() for i in b["idx"].tolist()) == list(range(10))
+    assert sorted(i for b in one_loader(dm.val_dataloader()) for i in b["idx"].tolist()) == list(range(10))
 
 
 def test_fit_through_trainer_and_batches_respect_budget():
@@ -87,7 +88,9 @@ def test_fit_through_trainer_and_batches_respect_budget():
     model = RecordingClassifier()
     cpu_trainer(max_epochs=2).fit(model, datamodule=dm)
     lengths = dm.lengths("train")
-    per_epoch = len(dm._train_sampler)
+    sampler = dm._train_sampler
+    assert sampler is not None
+    per_epoch = len(sampler)
     assert len(model.seen) == 2 * per_epoch
     for epoch in range(2):
         batches = model.seen[epoch * per_epoch : (epoch + 1) * per_epoch]
@@ -130,7 +133,7 @@ def test_mid_epoch_resume_matches_uninterrupted_run(tmp_path, num_workers):
     full = RecordingClassifier()
     trainer = cpu_trainer(max_epochs=3, callbacks=[ckpt], enable_checkpointing=True)
     trainer.fit(full, datamodule=_dm(num_workers=num_workers))
-    per_epoch = trainer.num_training_batches
+    per_epoch = int(trainer.num_training_batches)
     assert per_epoch % 5 != 0  # so that some checkpoint falls in the middle of an epoch
     # resume from a mid-epoch checkpoint of the second epoch
     step = next(s for s in range(5, 3 * per_epoch, 5) if s > per_epoch and s % per_epoch)
@@ -148,7 +151,9 @@ def test_resume_from_end_of_epoch_checkpoint(tmp_path):
     first = RecordingClassifier()
     t1 = cpu_trainer(max_epochs=1, default_root_dir=tmp_path / "a", enable_checkpointing=True)
     t1.fit(first, datamodule=_dm())
-    path = t1.checkpoint_callback.best_model_path
+    checkpoint = t1.checkpoint_callback
+    assert isinstance(checkpoint, ModelCheckpoint)
+    path = checkpoint.best_model_path
     second = RecordingClassifier()
     cpu_trainer(max_epochs=2).fit(second, datamodule=_dm(), ckpt_path=path)
     assert first.seen + second.seen == full.seen
@@ -158,6 +163,7 @@ def test_state_dict_roundtrip_without_trainer():
     dm = _dm()
     dm.setup("fit")
     loader = dm.train_dataloader()
+    assert isinstance(loader, _ResumableDataLoader)
     it = iter(loader)
     next(it), next(it)
     state = loader.state_dict()  # the one resume channel: the training loader's state (Lightning saves it)
@@ -166,6 +172,7 @@ def test_state_dict_roundtrip_without_trainer():
     other = _dm()
     other.setup("fit")
     resumed = other.train_dataloader()
+    assert isinstance(resumed, _ResumableDataLoader)
     resumed.load_state_dict(state)
     rest = [b["idx"].tolist() for b in resumed]
     assert rest == [b["idx"].tolist() for b in it]
@@ -191,7 +198,7 @@ def test_build_datasets_hook():
     dm = _Tokenised(pad_token_id=0, batch_size=4)
     dm.setup("fit")
     assert sum(len(b["idx"]) for b in dm.train_dataloader()) == 40
-    assert sum(len(b["idx"]) for b in dm.val_dataloader()) == 9
+    assert sum(len(b["idx"]) for b in one_loader(dm.val_dataloader())) == 9
     with pytest.raises(ValueError, match="No 'test' dataset"):
         dm.test_dataloader()
 

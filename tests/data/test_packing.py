@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule
 from lightning_txopt.data.packing import PackingCollator, is_packed
 from lightning_txopt.data.planning import next_fit_rows
-from tests.helpers import make_samples
+from tests.helpers import make_samples, one_loader
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,9 +53,10 @@ def test_packing_plan_properties(lengths, pack, rows, world, seed, epoch):
             assert batch["input_ids"].shape == (rows, pack)  # static shapes hold for every planned batch
 
 
-def _reference_rows(samples, width):
+def _reference_rows(samples: list[list[int]], width: int) -> list[list[list[int]]]:
     """Lay samples into rows by next fit with plain Python: ids, positions, segment lengths (samples, then pad)."""
-    rows, cur = [], []
+    rows: list[list[list[int]]] = []
+    cur: list[list[int]] = []
     for s in samples:
         if cur and sum(map(len, cur)) + len(s) > width:
             rows.append(cur)
@@ -74,7 +77,7 @@ def test_collator_layout_matches_a_plain_python_reference(lens, width, static, c
     samples = [list(range(10 * i + 1, 10 * i + 1 + n)) for i, n in enumerate(lens)]
     ref_rows = _reference_rows(samples, width)
     rows_needed = len(ref_rows)
-    kwargs = dict(rows=rows_needed + 1, num_slots=len(samples) + 3) if static else {}
+    kwargs: dict[str, Any] = dict(rows=rows_needed + 1, num_slots=len(samples) + 3) if static else {}
     batch = PackingCollator(width, causal=causal, **kwargs)(
         [{"input_ids": s, "labels": s, "idx": i} for i, s in enumerate(samples)]
     )
@@ -160,7 +163,7 @@ def test_datamodule_packed_rows_default_width_and_static_shapes():
         (k, tuple(v.shape)) for b in static.train_dataloader() for k, v in b.items() if isinstance(v, torch.Tensor)
     }
     assert len(shapes) == len({k for k, _ in shapes})  # one shape per key over the whole epoch
-    val = next(iter(static.val_dataloader()))
+    val = next(iter(one_loader(static.val_dataloader())))
     assert val["input_ids"].shape == (2, 64) and (val["index"][val["index"] >= 0]).numel() > 0
 
 

@@ -11,7 +11,7 @@ from lightning_txopt.data.text import TextDataModule, load_records, read_records
 class Chars:
     """A tokenizer stand-in: one id per character, with a pad token."""
 
-    pad_token_id = 0
+    pad_token_id: int | None = 0
 
     def __call__(self, texts, truncation, max_length):
         return {"input_ids": [[ord(c) % 97 + 1 for c in t][:max_length] for t in texts]}

@@ -13,7 +13,7 @@ import torch
 from lightning_txopt.callbacks import AccumulationScheduler, FreezeEmbeddings, GradientCheckpointing, ParameterSharing
 from lightning_txopt.data import BucketDataModule
 from tests.callbacks.test_accumulation import SumLossModule, _dm, _windows
-from tests.helpers import ModelModule, PlainTransformer, cpu_trainer, make_samples, tiny_bert
+from tests.helpers import ModelModule, PlainTransformer, cpu_trainer, make_samples, tensor_sum, tiny_bert
 
 pytestmark = [
     pytest.mark.gpu,
@@ -54,9 +54,9 @@ def _relative_errors(module: SumLossModule, normalize: str) -> list[tuple[int, f
         micro = [{k: v.cuda() for k, v in b.items()} for b in module.micro_batches[start:end]]
         if normalize == "tokens":
             items = sum(int((b["labels"] != -100).sum()) for b in micro)
-            total = sum(ref_module.loss(b) for b in micro) / items
+            total = tensor_sum(ref_module.loss(b) for b in micro) / items
         else:
-            total = sum(ref_module.loss(b) for b in micro) / len(micro)
+            total = tensor_sum(ref_module.loss(b) for b in micro) / len(micro)
         total.backward()
         num = den = 0.0
         for n, p in ref_module.model.named_parameters():

@@ -102,8 +102,10 @@ def test_registration_and_switching():
 
     assert register_varlen_attention() == VARLEN_ATTENTION
     assert VARLEN_ATTENTION in AttentionInterface() and VARLEN_ATTENTION in ALL_MASK_ATTENTION_FUNCTIONS
-    model = use_varlen_attention(FAMILIES["llama"].build("causal-lm"))
-    assert model.config._attn_implementation == VARLEN_ATTENTION
+    model = FAMILIES["llama"].build("causal-lm")
+    config = model.config
+    assert use_varlen_attention(model) is model  # in place
+    assert config._attn_implementation == VARLEN_ATTENTION
     with pytest.raises(ValueError, match="not a Hugging Face PreTrainedModel"):
         use_varlen_attention(torch.nn.Linear(2, 2))
 

@@ -12,8 +12,8 @@ from lightning_txopt.data.packing import PackingCollator
 from lightning_txopt.models import check_packing_support, packed_model_inputs, position_offset
 from lightning_txopt.models.attention import register_varlen_attention
 from lightning_txopt.models.packing import attention_window, is_causal_model, pool_packed
-from lightning_txopt.module import TransformerModule
-from tests.helpers import assert_same_gradients
+from lightning_txopt.module import Task, TransformerModule
+from tests.helpers import assert_same_gradients, tensor_sum
 from tests.zoo import FAMILIES, VOCAB, WINDOW
 
 
@@ -29,7 +29,7 @@ def _samples(n=5, seed=0, longest=3 * WINDOW, eos=None):
     return out
 
 
-def _module(family: str, task: str, attn: str = "auto") -> TransformerModule:
+def _module(family: str, task: Task, attn: str = "auto") -> TransformerModule:
     torch.manual_seed(0)
     return TransformerModule(config=FAMILIES[family].config_dict(), task=task, num_labels=3, attn_implementation=attn)
 
@@ -74,7 +74,7 @@ def test_packed_causal_lm_loss_items_and_gradients_equal_unpacked(family, attn):
     with torch.no_grad():
         logits = module.forward_logits(batch)
     per_sample = [reference(input_ids=s[None]).logits[0] for s in seqs]
-    ref = sum(F.cross_entropy(lg[:-1], s[1:], reduction="sum") for lg, s in zip(per_sample, seqs, strict=True))
+    ref = tensor_sum(F.cross_entropy(lg[:-1], s[1:], reduction="sum") for lg, s in zip(per_sample, seqs, strict=True))
     assert int(items) == int(module.count_loss_items(batch)) == sum(len(s) - 1 for s in seqs)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     for i, s in enumerate(seqs):  # each sample's logits equal its unpacked logits

@@ -43,7 +43,7 @@ def test_a_step_after_setting_unscales_by_the_new_scale():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     set_loss_scale(scaler, 4.0)
     scaler.scale((param * 3.0).sum()).backward()
-    assert param.grad.tolist() == [12.0, 12.0]  # scaled by 4
+    assert param.grad is not None and param.grad.tolist() == [12.0, 12.0]  # scaled by 4
     scaler.step(optimizer)
     scaler.update()
     assert param.detach().tolist() == [-2.0, -2.0]  # unscaled by 4: 1 - 3

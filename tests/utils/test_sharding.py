@@ -80,11 +80,12 @@ def test_policy_wraps_asks_every_public_policy_form():
 
 
 def test_plain_models_have_no_units_and_no_switch():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    embedding = nn.Embedding(10, 4)
+    model = nn.Sequential(embedding, nn.Linear(4, 2))
     assert not is_sharded_unit(model) and sharded_units(model) == []
-    model[0].weight.requires_grad_(False)
-    assert gradient_free_in_units(model) == {id(model[0].weight)}  # no FSDP1 unit: every frozen tensor saves
-    assert local_numel(model[0].weight) == 40
+    embedding.weight.requires_grad_(False)
+    assert gradient_free_in_units(model) == {id(embedding.weight)}  # no FSDP1 unit: every frozen tensor saves
+    assert local_numel(embedding.weight) == 40
     sync = GradientSync(model)
     assert not sync.available and not sync.off
     sync.disable()  # nothing to switch: a no-op
