@@ -53,7 +53,7 @@ def main() -> None:
         ):
             e = errors(module, target)
             sizes = [end - start for start, end, _, _ in _windows(module.snapshots)]
-            last = [err for err, size in zip(e, sizes) if size < 3]
+            last = [err for err, size in zip(e, sizes, strict=True) if size < 3]
             worst_last = f"{max(last):.2e}" if last else "n/a"
             rows.append([target, name, len(e), f"{max(e):.2e}", f"{sum(e) / len(e):.2e}", worst_last])
     print("Relative error of each optimizer step's gradient against the exact window gradient\n")

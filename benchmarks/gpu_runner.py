@@ -202,6 +202,7 @@ def plain_loop_row(
     source: Any = batches()
     if precollated:
         ready = []
+        # strict=False: the first `total` batches of an endless source (it cycles over epochs)
         for _, (chosen, batch) in zip(range(total), source, strict=False):
             ready.append((chosen, {k: v.to(device) for k, v in batch.items()}))
         source = iter(ready)
@@ -596,7 +597,9 @@ def run_rows(
     }
     plain_runs, lightning_runs = runner.runs.get(PAIR[0], []), runner.runs.get(PAIR[1], [])
     if plain_runs and lightning_runs:
-        ratios = [a["real_tokens_per_s"] / b["real_tokens_per_s"] for a, b in zip(lightning_runs, plain_runs)]
+        ratios = [
+            a["real_tokens_per_s"] / b["real_tokens_per_s"] for a, b in zip(lightning_runs, plain_runs, strict=True)
+        ]
         result["lightning_over_plain_loop"] = {"pairs": ratios, "median": statistics.median(ratios)}
     if any(r.flops for r in rows):
         result["flops_formula"] = FLOPS_FORMULA

@@ -237,7 +237,7 @@ def chart(result: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.4 + 0.14 * len(result["runs"])))
     palette = ("#4c72b0", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#64b5cd", "#ccb974")
     colors = ["#8c8c8c", *(palette[i % len(palette)] for i in range(len(result["runs"]) - 1))]  # the Trainer: grey
-    for run, color in zip(result["runs"], colors):
+    for run, color in zip(result["runs"], colors, strict=True):
         xs = [p["train_seconds"] for p in run["curve"]]
         ys = [p["val_acc"] for p in run["curve"]]
         ax.plot(xs, ys, marker="o", color=color, label=run["recipe"])
@@ -305,7 +305,7 @@ def main() -> None:
     if len(heads) != len(args.max_tokens):
         parser.error("give one --head-lr-factor, or one per --max-tokens")
     runs = [trainer_recipe(path, data, num_labels, args)]
-    for max_tokens, lr, head in zip(args.max_tokens, args.lr, heads):
+    for max_tokens, lr, head in zip(args.max_tokens, args.lr, heads, strict=True):
         gc.collect()
         runs.append(txopt_recipe(path, data, num_labels, args, max_tokens, lr, head))
     target = runs[0]["curve"][-1]["val_acc"]

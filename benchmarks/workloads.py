@@ -67,7 +67,7 @@ def corpus_samples(limit: int | None) -> list[dict[str, Any]]:
     label_id = {name: i for i, name in enumerate(labels)}
     rng = np.random.default_rng(0)
     samples = []
-    for n, r in zip(lengths.tolist(), records):
+    for n, r in zip(lengths.tolist(), records, strict=True):
         ids = rng.integers(1000, 30000, n)
         ids[0], ids[-1] = 101, 102  # [CLS] ... [SEP]
         samples.append({"input_ids": ids.astype(np.int64), "labels": label_id[r["label"]]})
@@ -102,7 +102,7 @@ def _lognormal_samples(limit: int | None) -> list[dict[str, Any]]:
     rng = np.random.default_rng(int(spec["label_seed"]))
     labels = rng.integers(0, NUM_LABELS, lengths.size)
     samples = []
-    for n, label in zip(lengths.tolist(), labels.tolist()):
+    for n, label in zip(lengths.tolist(), labels.tolist(), strict=True):
         ids = rng.integers(1000, 30000, n)
         ids[0], ids[-1] = 101, 102
         samples.append({"input_ids": ids.astype(np.int64), "labels": int(label)})

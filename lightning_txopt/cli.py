@@ -610,7 +610,7 @@ def _plot_demo(results: Sequence[Any], path: str, title: str, subtitle: str, maj
         ("training time (s)", [r.train_seconds for r in results], ".1f"),
         ("validation accuracy", [r.val_accuracy for r in results], ".3f"),
     ]
-    for ax, (panel, values, spec) in zip(axes, panels):
+    for ax, (panel, values, spec) in zip(axes, panels, strict=True):
         ax.bar(names, values, color=["#8c8c8c", "#4c72b0"])
         ax.set_title(panel)
         top = max((v for v in values if v == v), default=0.0)
@@ -664,7 +664,7 @@ def _bench(args: argparse.Namespace) -> int:
         for _, kw, _, _ in combos
     ]
     results = []
-    for (name, _, prec, extras), dm in zip(combos, dms):
+    for (name, _, prec, extras), dm in zip(combos, dms, strict=True):
         callbacks: list[Any] = []
         if "freeze" in extras:
             callbacks.append(FreezeEmbeddings())

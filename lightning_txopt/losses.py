@@ -152,7 +152,7 @@ class _Grads:
             self.hidden if scale is None or self.hidden is None else (self.hidden * scale).to(self.hidden.dtype)
         )
         out: list[torch.Tensor | None] = [grad_hidden]
-        for grad, like, need in zip((self.weight, self.bias), self.like, self.needs[1:]):
+        for grad, like, need in zip((self.weight, self.bias), self.like, self.needs[1:], strict=True):
             if not need or like is None:
                 out.append(None)
                 continue

@@ -117,7 +117,10 @@ def test_gpu_compare_quick_counts_ratios_and_report(tmp_path: Path, bench: Any) 
         assert len(runs) == 2 and row["real_tokens_per_s"] == min(runs)  # the lower median of two runs
     pair = result["lightning_over_plain_loop"]
     expected = [
-        a / b for a, b in zip(rows["lightning"]["runs_real_tokens_per_s"], rows["plain"]["runs_real_tokens_per_s"])
+        a / b
+        for a, b in zip(
+            rows["lightning"]["runs_real_tokens_per_s"], rows["plain"]["runs_real_tokens_per_s"], strict=True
+        )
     ]
     assert pair["pairs"] == pytest.approx(expected, rel=1e-12)
     assert pair["median"] == pytest.approx(statistics.median(expected), rel=1e-12)

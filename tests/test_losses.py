@@ -75,7 +75,7 @@ def test_loss_and_gradients_equal_the_unchunked_reference(recompute, reduction, 
     our_grads = grads_of(ours, upstream, h, w, b)
     assert ours.dtype == torch.float32 and ours.shape == ()
     assert rel(ours, ref) <= 1e-5
-    for mine, theirs in zip(our_grads, ref_grads):
+    for mine, theirs in zip(our_grads, ref_grads, strict=True):
         assert (mine is None) == (theirs is None)
         if mine is not None:
             assert mine.dtype == theirs.dtype and rel(mine, theirs) <= 1e-5
@@ -90,7 +90,7 @@ def test_reduction_none_gives_each_rows_loss_and_its_gradient(recompute):
     ours = chunked_linear_cross_entropy(h, w, y, bias=b, chunk_size=9, reduction="none", recompute=recompute)
     assert ours.shape == (N,) and bool((ours[y == -100] == 0).all())
     assert rel(ours, ref) <= 1e-5
-    for mine, theirs in zip(grads_of(ours, upstream, h, w, b), ref_grads):
+    for mine, theirs in zip(grads_of(ours, upstream, h, w, b), ref_grads, strict=True):
         assert rel(mine, theirs) <= 1e-5
 
 
@@ -185,7 +185,7 @@ def test_autocast_on_cpu_is_as_accurate_as_the_reference(recompute, dtype):
     ref_grads = [g / upstream for g in grads_of(ref, upstream, h, w, b)]
     our_grads = [g / upstream for g in grads_of(ours, upstream, h, w, b)]
     assert rel(ours, truth) <= 2 * rel(ref, truth) + 1e-6
-    for mine, theirs, true in zip(our_grads, ref_grads, truth_grads):
+    for mine, theirs, true in zip(our_grads, ref_grads, truth_grads, strict=True):
         assert mine.dtype == torch.float32  # the parameters' dtype, as autocast gives
         assert rel(mine, true) <= 2 * rel(theirs, true) + 1e-6
 
@@ -324,7 +324,7 @@ def test_compiled_caller_gets_eager_results_and_saves_no_logits(recompute):
             loss = fn(h, w, b, y)
         results.append([loss.detach(), *grads_of(loss, 1.0, h, w, b)])
         assert not [s for s in shapes if len(s) == 2 and s[1] == 1000], shapes
-    for eager, compiled in zip(*results):
+    for eager, compiled in zip(*results, strict=True):
         assert rel(compiled, eager) <= 1e-6
 
 
@@ -568,7 +568,7 @@ def test_cuda_autocast_is_as_accurate_as_the_reference(recompute, dtype):
     ref_grads = [g / upstream for g in grads_of(ref, upstream, h, w, b)]
     our_grads = [g / upstream for g in grads_of(ours, upstream, h, w, b)]
     assert rel(ours, truth) <= 2 * rel(ref, truth) + 1e-6
-    for mine, theirs, true in zip(our_grads, ref_grads, truth_grads):
+    for mine, theirs, true in zip(our_grads, ref_grads, truth_grads, strict=True):
         assert rel(mine, true) <= 2 * rel(theirs, true) + 1e-6
 
 

@@ -96,7 +96,7 @@ def test_bert_base_with_every_block_checkpointed_on_an_h200():
     1.75M tokens: the first extrapolation overshoots into an OOM; the search recovers without a long bisection."""
     measured = [(512, 1.828e9), (32768, 4.156e9), (245312, 21.99e9), (671232, 57.34e9), (1254080, 106.52e9)]
     measured += [(1545536, 130.36e9), (1576448, 134.07e9), (1594496, 135.39e9), (1750000, 146.0e9)]
-    xs, ys = zip(*measured)
+    xs, ys = zip(*measured, strict=True)
 
     def f(b: int) -> float | None:
         return None if b >= 1_750_000 else float(np.interp(b, xs, ys))

@@ -209,7 +209,7 @@ def _checkpointing_cell(family: str, technique: str) -> None:
         kwargs["mode"] = "selective"
     plan = enable_gradient_checkpointing(model, **kwargs)
     lists = BLOCK_LISTS[family]
-    assert dict(zip(plan.block_lists, plan.blocks_per_list)) == lists  # every stack
+    assert dict(zip(plan.block_lists, plan.blocks_per_list, strict=True)) == lists  # every stack
     expected: list[int] = []  # every n-th block of each stack, counted over the stacks in model order
     start = 0
     for n in lists.values():
@@ -237,7 +237,7 @@ def _sharing_cell(family: str) -> None:
     original = build(family)
     model = copy.deepcopy(original)
     result = share_layers(model, num_unique_layers=1, strategy="all")
-    assert dict(zip(result.block_lists, (len(m) for m in result.mappings))) == BLOCK_LISTS[family]
+    assert dict(zip(result.block_lists, (len(m) for m in result.mappings), strict=True)) == BLOCK_LISTS[family]
     assert all(set(m) == {0} for m in result.mappings)
     batch = batch_of(family)
     reference = weight_copy_reference(original, model, result)
@@ -290,7 +290,7 @@ def _fit(module: ModelModule, family: str, callbacks: list) -> ModelModule:
 
 
 def _assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 

@@ -741,7 +741,7 @@ def _average_gradients(params: Sequence[nn.Parameter], strategy: Strategy) -> No
     local_all = all(p.grad is not None for p in params)
     has_grad = [True] * len(params) if local_all else [c > 0 for c in flat[-len(params) :].tolist()]
     offset = 0
-    for p, keep in zip(params, has_grad):
+    for p, keep in zip(params, has_grad, strict=True):
         n = p.numel()
         if keep:
             grad = flat[offset : offset + n].view_as(p).div_(world).to(p.dtype)

@@ -346,7 +346,7 @@ def check_sharing_wrap_policy(model: nn.Module, result: SharingResult, policy: A
     """
     if policy is None:
         return
-    for name, mapping in zip(result.block_lists, result.mappings):
+    for name, mapping in zip(result.block_lists, result.mappings, strict=True):
         container = model.get_submodule(name)
         parent = name.rpartition(".")[0]
         advice = _unit_advice(type(model.get_submodule(parent) if parent else model).__name__, name, fsdp2=False)
@@ -396,7 +396,7 @@ def check_shared_blocks_unsplit(
         >>> check_shared_blocks_unsplit(model, share_layers(model, num_unique_layers=2))  # no units: fine
     """
     modules = {clean_name(n): m for n, m in model.named_modules()}
-    for name, mapping in zip(result.block_lists, result.mappings):
+    for name, mapping in zip(result.block_lists, result.mappings, strict=True):
         container = modules.get(name)
         if container is None:
             continue
@@ -501,7 +501,7 @@ class ParameterSharing(Callback):
             self.result = result
             stacks = "; ".join(
                 f"{len(mapping)} blocks of {name} share {len(set(mapping))} ({self.strategy}: {list(mapping)})"
-                for name, mapping in zip(result.block_lists, result.mappings)
+                for name, mapping in zip(result.block_lists, result.mappings, strict=True)
             )
             rank_zero_info(
                 f"ParameterSharing: {stacks}; parameters {result.params_before:,} -> {result.params_after:,}."

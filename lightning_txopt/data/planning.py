@@ -272,7 +272,7 @@ def _budget_offsets(sorted_lengths: np.ndarray, seg_starts: np.ndarray, max_toke
     seg_ends = np.append(seg_starts[1:], n)
     out: list[int] = []
     arange = np.arange(1, max_tokens + 1, dtype=np.int64)
-    for s, e in zip(seg_starts.tolist(), seg_ends.tolist()):
+    for s, e in zip(seg_starts.tolist(), seg_ends.tolist(), strict=True):
         i = s
         while i < e:
             cap = min(e - i, max_tokens // int(sorted_lengths[i]))

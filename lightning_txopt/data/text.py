@@ -232,7 +232,7 @@ def _check_records(
             "class (`label_column`; txopt fit: --data.label_column), or use task='causal-lm' for unlabelled text."
         )
     fix = "fix or drop the record"
-    for record, at in zip(records, where):
+    for record, at in zip(records, where, strict=True):
         if text_column not in record:
             raise ValueError(f"{source}, {at}: no column {text_column!r} (the record has {sorted(record)}): {fix}.")
         text = record[text_column]
@@ -426,7 +426,7 @@ class TextDataModule(BucketDataModule):
             label_id = {name: i for i, name in enumerate(self.label_names)}
             samples = [
                 {"input_ids": np.asarray(x, dtype=np.int64), "labels": label_id[r[self.label_column]]}
-                for x, r in zip(ids, records)
+                for x, r in zip(ids, records, strict=True)
             ]
         else:
             samples = [

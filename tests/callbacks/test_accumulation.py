@@ -128,7 +128,7 @@ def _synced_windows(record_dir: Any) -> list[tuple[dict, dict, list[dict], list[
     windows = [_windows(r["snapshots"]) for r in ranks]
     assert len(windows[0]) == len(windows[1]) >= 2
     out = []
-    for (s0, e0, before, after), (s1, e1, _, after1) in zip(windows[0], windows[1]):
+    for (s0, e0, before, after), (s1, e1, _, after1) in zip(windows[0], windows[1], strict=True):
         for k in after:
             torch.testing.assert_close(after[k], after1[k], rtol=0, atol=0)  # ranks in sync
         out.append((before, after, ranks[0]["micro"][s0:e0], ranks[1]["micro"][s1:e1]))

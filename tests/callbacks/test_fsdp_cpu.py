@@ -396,7 +396,7 @@ def _merged_windows(ranks: list[dict[str, Any]], name: str) -> list[tuple[dict, 
     per_rank = [windows(r[name]["snapshots"]) for r in ranks]
     assert len(per_rank[0]) == len(per_rank[1]) >= 2
     out = []
-    for (s0, e0, before, after), (s1, e1, _, after1) in zip(*per_rank):
+    for (s0, e0, before, after), (s1, e1, _, after1) in zip(*per_rank, strict=True):
         for k in after:
             torch.testing.assert_close(after[k], after1[k], rtol=0, atol=0)
         out.append((before, after, ranks[0][name]["micro"][s0:e0] + ranks[1][name]["micro"][s1:e1]))
@@ -488,7 +488,7 @@ def test_resume_from_a_checkpoint_is_exact(runs, kind):
         assert result["is_dir"] == (kind == "sharded")
         assert 3 < result["per_epoch"] < 6  # the checkpoint at step 3 is mid-epoch; the resumed run crosses an epoch
         assert len(result["full"]) == 6 and len(result["resumed"]) == 3
-        for a, b in zip(result["full"][3:], result["resumed"]):
+        for a, b in zip(result["full"][3:], result["resumed"], strict=True):
             assert torch.equal(a, b)
         for name, value in result["full_params"].items():
             torch.testing.assert_close(result["resumed_params"][name], value, rtol=1e-6, atol=1e-7, msg=name)

@@ -147,7 +147,7 @@ def test_callback_through_trainer_matches_plain_training(kwargs):
     callback = GradientCheckpointing(**kwargs)
     cpu_trainer(max_epochs=1, callbacks=[callback]).fit(module, datamodule=dm)
     assert callback.plan is not None and callback.plan.num_blocks == 4
-    for (name, a), b in zip(plain.model.state_dict().items(), module.model.state_dict().values()):
+    for (name, a), b in zip(plain.model.state_dict().items(), module.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 

@@ -159,7 +159,7 @@ def test_checkpoint_reload_keeps_sharing_and_weights(tmp_path):
     assert layers[0] is layers[2] and layers[1] is layers[3]
     query = "attention.self.query.weight"
     assert layers[0].get_parameter(query).data_ptr() == layers[2].get_parameter(query).data_ptr()
-    for (k, a), b in zip(module.model.state_dict().items(), fresh.model.state_dict().values()):
+    for (k, a), b in zip(module.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=k)
     with pytest.raises(ValueError, match="num_unique_layers=2"):
         cpu_trainer(max_epochs=1, callbacks=[ParameterSharing(1, strategy="all")]).fit(

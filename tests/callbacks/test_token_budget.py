@@ -69,7 +69,7 @@ class BudgetDataModule(pl.LightningDataModule):
         plan = [list(b) for b in self._plan(max_tokens, num_replicas=1, rank=0)]
         width = [int(self.lengths[b].max()) for b in plan]
         picks = {int(np.argmax(width)), int(np.argmax([len(b) for b in plan]))}
-        picks.add(int(np.argmax([len(b) * w for b, w in zip(plan, width)])))
+        picks.add(int(np.argmax([len(b) * w for b, w in zip(plan, width, strict=True)])))
         return [self.collate([self.samples[i] for i in plan[j]]) for j in sorted(picks)]
 
     def train_dataloader(self) -> Any:

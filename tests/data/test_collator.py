@@ -104,7 +104,7 @@ def test_pad_sequences_matches_a_python_reference():
     seqs = [rng.integers(0, 9, rng.integers(0, 7)) for _ in range(20)]
     for side in ("right", "left"):
         out = pad_sequences(seqs, 8, -1, side=side)
-        for row, seq in zip(out, seqs):
+        for row, seq in zip(out, seqs, strict=True):
             pad = [-1] * (8 - len(seq))
             assert row.tolist() == (seq.tolist() + pad if side == "right" else pad + seq.tolist())
 

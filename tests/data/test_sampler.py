@@ -50,7 +50,7 @@ def test_every_sample_once_equal_counts_and_budget(lengths, world, mode, size, s
     per_rank = [list(s) for s in samplers]
     # equal counts, len() is the truth
     assert len({len(b) for b in per_rank}) == 1
-    assert all(len(s) == len(b) for s, b in zip(samplers, per_rank))
+    assert all(len(s) == len(b) for s, b in zip(samplers, per_rank, strict=True))
     flat = sorted(i for batches in per_rank for b in batches for i in b)
     repeated = samplers[0].plan().repeated.tolist()
     assert flat == sorted(list(range(len(lengths))) + repeated)  # every sample exactly once, but for repeats

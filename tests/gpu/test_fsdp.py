@@ -312,7 +312,7 @@ def _resume(tmp_path: Path, strategy: Any, module: Any, data: Any) -> None:
     path = tmp_path / "step=3.ckpt"
     gpu_trainer(strategy(), max_steps=6, callbacks=[resumed]).fit(module(), datamodule=data(), ckpt_path=str(path))
     assert len(resumed.batches) == 3
-    for a, b in zip(full.batches[3:], resumed.batches):
+    for a, b in zip(full.batches[3:], resumed.batches, strict=True):
         assert torch.equal(a, b)
     for name, value in full.params.items():
         torch.testing.assert_close(resumed.params[name], value, rtol=1e-5, atol=1e-6, msg=name)
