@@ -6,7 +6,7 @@ import functools
 import json
 import operator
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -243,6 +243,11 @@ def one_loader(loaders: DataLoader | list[DataLoader]) -> DataLoader:
     """The loader of a ``*_dataloader()`` hook that may return a list (``val_dataloader``), asserting it is one."""
     assert isinstance(loaders, DataLoader), f"expected one DataLoader, got {loaders!r}"
     return loaders
+
+
+def prefixed(prefix: str) -> Callable[[str], str]:
+    """A ``torch.testing.assert_close`` message: ``prefix`` before the message it would give (a string replaces it)."""
+    return lambda message: f"{prefix}: {message}"
 
 
 def tensor_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

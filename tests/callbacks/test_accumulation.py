@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from lightning_txopt.callbacks.accumulation import (
     window_end,
 )
 from lightning_txopt.data import BucketDataModule
-from tests.helpers import BERT_DICT, ModelModule, cpu_trainer, make_samples, tensor_sum, tiny_bert
+from tests.helpers import BERT_DICT, ModelModule, cpu_trainer, make_samples, prefixed, tensor_sum, tiny_bert
 
 GPT2_DICT: dict[str, Any] = {
     "model_type": "gpt2",
@@ -148,11 +147,6 @@ def _reference_grad(params: dict, micro: list[dict], normalize: str) -> dict[str
     return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
 
 
-def _prefixed(prefix: str) -> Callable[[str], str]:
-    """An ``assert_close`` message: ``prefix`` before its own."""
-    return lambda message: f"{prefix}: {message}"
-
-
 def _check_windows(module: SumLossModule, normalize: str, expected_sizes: list[int]) -> None:
     """Each optimizer step covered the expected micro-batches and moved the weights by minus the exact gradient."""
     windows = _windows(module.snapshots)
@@ -161,7 +155,7 @@ def _check_windows(module: SumLossModule, normalize: str, expected_sizes: list[i
         ref = _reference_grad(before, module.micro_batches[start:end], normalize)
         for name, g in ref.items():
             delta = before[name] - after[name]
-            torch.testing.assert_close(delta, g, rtol=1e-5, atol=1e-7, msg=_prefixed(f"window {start}:{end} {name}"))
+            torch.testing.assert_close(delta, g, rtol=1e-5, atol=1e-7, msg=prefixed(f"window {start}:{end} {name}"))
 
 
 def _expected_sizes(
