@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_txopt.utils.blocks import find_block_lists, model_configs
+from lightning_txopt.utils.checks import check_positive_int
 from lightning_txopt.utils.sharding import (
     clean_name,
     gradient_free_in_units,
@@ -478,16 +479,13 @@ class FreezeEmbeddings(Callback):
         include_layernorm: bool = False,
         untie: bool = False,
     ) -> None:
-        if unfreeze_at_epoch is not None and (
-            isinstance(unfreeze_at_epoch, bool) or not isinstance(unfreeze_at_epoch, int) or unfreeze_at_epoch < 0
-        ):
-            raise ValueError(f"`unfreeze_at_epoch` must be a positive integer or None, got {unfreeze_at_epoch!r}.")
-        if unfreeze_at_epoch == 0:
+        if unfreeze_at_epoch is not None and not isinstance(unfreeze_at_epoch, bool) and unfreeze_at_epoch == 0:
             raise ValueError(
                 "unfreeze_at_epoch=0 unfreezes before the first step: the embeddings would never be frozen. Use "
                 "unfreeze_at_epoch >= 1, or drop FreezeEmbeddings (for a smaller embedding learning rate from the "
                 "start, give the embeddings their own parameter group in configure_optimizers)."
             )
+        check_positive_int("unfreeze_at_epoch", unfreeze_at_epoch, optional=True)
         if not lr_factor > 0:
             raise ValueError(f"`lr_factor` must be > 0, got {lr_factor!r}.")
         if lr_factor != 1.0 and unfreeze_at_epoch is None:
@@ -495,7 +493,7 @@ class FreezeEmbeddings(Callback):
                 f"lr_factor={lr_factor!r} applies to the embeddings once they are unfrozen, and without "
                 "unfreeze_at_epoch they never are: it would do nothing. Set unfreeze_at_epoch, or drop lr_factor."
             )
-        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.unfreeze_at_epoch = None if unfreeze_at_epoch is None else int(unfreeze_at_epoch)
         self.lr_factor = float(lr_factor)
         self.names = names
         self.include_layernorm = include_layernorm

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_txopt.memory import CheckpointingChoice, DeviceMemory
 from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
+from lightning_txopt.utils.checks import check_positive_int
 from lightning_txopt.utils.sharding import checkpoint_wrapper_type, clean_name
 
 __all__ = [
@@ -231,8 +232,7 @@ def enable_gradient_checkpointing(
         >>> plan.block_lists, plan.checkpointed, plan.checkpointed_in("decoder.layers")
         (('encoder.layers', 'decoder.layers'), (0, 2), (0,))
     """
-    if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-        raise ValueError(f"`every_n_layers` must be a positive integer, got {every_n_layers!r}.")
+    check_positive_int("every_n_layers", every_n_layers)
     if mode not in _MODES:
         raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
     if mode == "selective" and not selective_checkpointing_available():

@@ -24,6 +24,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
+from lightning_txopt.utils.checks import check_positive_int
 from lightning_txopt.utils.sharding import (
     clean_name,
     is_sharded_unit,
@@ -473,13 +474,12 @@ class ParameterSharing(Callback):
             raise ValueError(f"`strategy` must be one of {_STRATEGIES}, got {strategy!r}.")
         if init not in _INITS:
             raise ValueError(f"`init` must be one of {_INITS}, got {init!r}.")
-        if isinstance(num_unique_layers, bool) or not isinstance(num_unique_layers, int) or num_unique_layers < 1:
-            raise ValueError(f"`num_unique_layers` must be a positive integer, got {num_unique_layers!r}.")
+        check_positive_int("num_unique_layers", num_unique_layers)
         if strategy == "all" and num_unique_layers != 1:
             raise ValueError(
                 f"strategy='all' shares one block everywhere: num_unique_layers must be 1, got {num_unique_layers}."
             )
-        self.num_unique_layers = num_unique_layers
+        self.num_unique_layers = int(num_unique_layers)  # a plain int in the checkpointed state
         self.strategy: Strategy = strategy
         self.init: Literal["first", "average"] = init
         self.block_classes = block_classes

@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
+from lightning_txopt.utils.checks import check_positive_int
+
 __all__ = ["TokenThroughputMonitor", "batch_token_counts", "device_token_counts"]
 
 
@@ -115,13 +117,12 @@ class TokenThroughputMonitor(Callback):
         count_tokens: Callable[[Any], tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]] | None = None,
         reset_peak_memory: bool = False,
     ) -> None:
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"`log_every_n_steps` must be a positive integer, got {log_every_n_steps!r}.")
+        check_positive_int("log_every_n_steps", log_every_n_steps)
         if isinstance(flops_per_token, str) and flops_per_token != "auto":
             raise ValueError(f"`flops_per_token` must be a number, 'auto' or None, got {flops_per_token!r}.")
         if not isinstance(reset_peak_memory, bool):
             raise ValueError(f"`reset_peak_memory` must be True or False, got {reset_peak_memory!r}.")
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = int(log_every_n_steps)
         self.flops_per_token = flops_per_token
         self.count_tokens = count_tokens or device_token_counts
         self.reset_peak_memory = reset_peak_memory

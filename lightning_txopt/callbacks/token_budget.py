@@ -34,6 +34,7 @@ from lightning_txopt.memory import (
     format_bytes,
     search_token_budget,
 )
+from lightning_txopt.utils.checks import check_positive_int
 
 __all__ = ["DATAMODULE_PROTOCOL", "StepProber", "TokenBudgetFinder", "fit_checkpointing"]
 
@@ -168,12 +169,11 @@ class StepProber:
             raise ValueError(
                 f"Probing needs exactly one optimizer (automatic optimisation), found {len(trainer.optimizers)}."
             )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be a positive integer, got {steps!r}.")
+        check_positive_int("steps", steps)
         self.trainer = trainer
         self.pl_module = pl_module
         self.memory = memory
-        self.steps = steps
+        self.steps = int(steps)
         self.device = pl_module.device
         self.optimizer: torch.optim.Optimizer = trainer.optimizers[0]
         self.plugin = trainer.precision_plugin
@@ -430,22 +430,21 @@ class TokenBudgetFinder(Callback):
         if not (isinstance(max_memory_fraction, int | float) and 0 < max_memory_fraction <= 1):
             raise ValueError(f"`max_memory_fraction` must be in (0, 1], got {max_memory_fraction!r}.")
         for name, value in (("min_tokens", min_tokens), ("max_tokens", max_tokens), ("multiple", multiple)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+            check_positive_int(name, value, optional=True)
         if min_tokens is not None and max_tokens is not None and min_tokens > max_tokens:
             raise ValueError(f"`min_tokens`={min_tokens} > `max_tokens`={max_tokens}.")
         for name, value in (("probe_steps", probe_steps), ("max_probes", max_probes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_int(name, value)
         if not 0 <= tolerance < 1:
             raise ValueError(f"`tolerance` must be in [0, 1), got {tolerance!r}.")
         self.max_memory_fraction = float(max_memory_fraction)
-        self.min_tokens = min_tokens
-        self.max_tokens = max_tokens
-        self.multiple = multiple
-        self.probe_steps = probe_steps
+        # plain ints (numpy integers pass the checks): the found budget is saved in checkpoints
+        self.min_tokens = None if min_tokens is None else int(min_tokens)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        self.multiple = None if multiple is None else int(multiple)
+        self.probe_steps = int(probe_steps)
         self.tolerance = tolerance
-        self.max_probes = max_probes
+        self.max_probes = int(max_probes)
         self.memory = memory if memory is not None else CudaMemory()
         self.budget: int | None = None  # the found (or restored) budget
         self.search: BudgetSearch | None = None  # the search of this process (None when restored)

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_txopt.data.corpus import fortunes_path
 from lightning_txopt.data.datamodule import BucketDataModule
+from lightning_txopt.utils.checks import check_positive_int
 
 __all__ = ["TextDataModule", "default_tokenizer_path", "load_records", "load_tokenizer", "read_records"]
 
@@ -358,16 +359,14 @@ class TextDataModule(BucketDataModule):
             raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
         if task not in ("sequence-classification", "causal-lm"):
             raise ValueError(f"`task` must be 'sequence-classification' or 'causal-lm', got {task!r}.")
-        if limit is not None and not (_is_int(limit) and limit >= 1):
-            raise ValueError(f"`limit` must be a positive integer or None, got {limit!r}.")
+        check_positive_int("limit", limit, optional=True)
         if not (_is_int(max_length) and max_length >= 1):
             raise ValueError(f"`max_length` must be a positive integer (e.g. 512), got {max_length!r}.")
         for key in ("batch_size", "max_tokens", "eval_batch_size", "eval_max_tokens"):
             value = kwargs.get(key)
             if key == "max_tokens" and value == "auto":  # TokenBudgetFinder sets it at fit start
                 continue
-            if value is not None and not (_is_int(value) and value >= 1):
-                raise ValueError(f"`{key}` must be a positive integer or None, got {value!r}.")
+            check_positive_int(key, value, optional=True)
         tok = load_tokenizer(tokenizer)
         if getattr(tok, "pad_token_id", None) is None and kwargs.get("pad_token_id") is None:
             eos = getattr(tok, "eos_token_id", None)

@@ -4,6 +4,7 @@ import copy
 import os
 from typing import cast
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -172,8 +173,9 @@ def test_callback_argument_errors():
         ParameterSharing(2, strategy="all")
     with pytest.raises(ValueError, match="strategy"):
         ParameterSharing(2, strategy="zigzag")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="num_unique_layers"):
+    with pytest.raises(ValueError, match="`num_unique_layers` must be a positive integer, got 0"):
         ParameterSharing(0)
+    assert type(ParameterSharing(np.int64(2)).num_unique_layers) is int  # a plain int in the checkpointed state
 
 
 # --- every stack, blocks that differ beyond their weights, nothing to share (issue #14) ---

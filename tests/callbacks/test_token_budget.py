@@ -163,6 +163,13 @@ def test_invalid_arguments(kwargs, match):
         TokenBudgetFinder(**kwargs)
 
 
+def test_numpy_integer_arguments_are_kept_as_plain_ints():
+    f = TokenBudgetFinder(
+        min_tokens=np.int64(64), max_tokens=np.int32(512), multiple=np.int64(8), max_probes=np.int8(4)
+    )
+    assert all(type(v) is int for v in (f.min_tokens, f.max_tokens, f.multiple, f.max_probes, f.probe_steps))
+
+
 def test_unsupported_strategy_is_refused():
     class Fake:
         strategy = object()
