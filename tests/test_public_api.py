@@ -10,7 +10,7 @@ import lightning_txopt
 
 
 def _public() -> list[tuple[str, object]]:
-    out = []
+    out: list[tuple[str, object]] = []
     for info in pkgutil.walk_packages(lightning_txopt.__path__, "lightning_txopt."):
         module = importlib.import_module(info.name)
         for name in getattr(module, "__all__", []):
