@@ -2,12 +2,17 @@
 
     python benchmarks/packing_step.py                # H200, BERT-base shape, 16,384 tokens per batch (~2 minutes)
     python benchmarks/packing_step.py --quick        # CPU smoke run (tiny BERT)
+    python benchmarks/packing_step.py --profile      # + where each case's step time goes (kernels, host gaps)
 
 Isolates the model step from the data path: 50 batches of each layout are collated and moved to the GPU first, then
 every case trains 15 untimed steps (compilation included) and 4 timed windows of 30 steps in ABBA order, with
 ``TransformerModule.loss_and_items`` under bf16 autocast, fused AdamW. Token ids are random with the embedded corpus's
 real lengths (``tests/data/fortune_lengths.npy``); cuDNN attention is off (its per-shape plan cost would dominate
 bucketed batches). Reported: real tokens/s per case (median of the 4 windows) and the ratio to the bucketed case.
+
+``--profile`` then runs 5 more steps of each case under ``torch.profiler`` and reports, per case, the wall time per
+step, the device-busy time per step (the union of its kernels' intervals: wall minus busy is time the GPU waited on
+the host), the compiled case's graphs and graph breaks (dynamo's counters), and the kernels that took most time.
 """
 
 from __future__ import annotations
@@ -81,12 +86,54 @@ class Case:
         self.rates.append(tokens / (time.perf_counter() - start))
 
 
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def profile(case: Case, steps: int = 5, top: int = 8) -> dict[str, Any]:
+    """Where one case's step time goes: wall and device-busy time per step, and its costliest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device.type == "cuda" else [])
+    case.sync()
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            case.step()
+        case.sync()
+        wall = (time.perf_counter() - start) / steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = _busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / steps / 1e6
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / steps / 1e3
+    costly = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return dict(
+        name=case.name,
+        wall_ms=round(wall * 1e3, 2),
+        device_busy_ms=round(busy * 1e3, 2),
+        host_gap_fraction=round(1 - busy / wall, 3) if wall else None,
+        top_kernels_ms=[(name[:90], round(ms, 2)) for name, ms in costly],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384, help="max_tokens of every layout")
     parser.add_argument("--steps", type=int, default=30, help="steps per timed window")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (CPU smoke run)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--profile", action="store_true", help="also profile 5 steps of each case (see above)")
     args = parser.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)
     rng = np.random.default_rng(0)
@@ -121,8 +168,18 @@ def main() -> None:
     ]
     for row in rows:
         print(json.dumps(row), flush=True)
+    profiles = []
+    if args.profile:
+        from torch._dynamo.utils import counters
+
+        breaks = {str(reason)[:200]: n for reason, n in counters["graph_break"].items()}
+        print(json.dumps(dict(unique_graphs=int(counters["stats"]["unique_graphs"]), graph_breaks=breaks)))
+        for case in cases:
+            profiles.append(profile(case))
+            print(json.dumps(profiles[-1]), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"tokens": tokens, "steps": steps, "rows": rows}, indent=2))
+        out = {"tokens": tokens, "steps": steps, "rows": rows, "profiles": profiles}
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

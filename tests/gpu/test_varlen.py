@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,3 +161,64 @@ def test_direct_flash_op_equals_torch_public_varlen_attn(window, kv_heads):
     (rq, rk, rv) = torch.autograd.grad(want, (q, k, v), g)
     for a, b in ((dq, rq), (dk, rk), (dv, rv)):
         assert _rel(a, b) < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("family", "task", "compile"),
+    [
+        ("bert", "sequence-classification", False),
+        ("bert", "sequence-classification", True),
+        ("llama", "causal-lm", False),
+        ("mistral", "causal-lm", False),
+    ],
+)
+def test_trainer_fit_on_packed_batches_runs_the_kernel_under_bf16_mixed(family, task, compile, monkeypatch):
+    """Through the public API as a user runs it: the fit-start packing check passes on the GPU, every training step
+    calls the varlen kernel (never the block-mask fallback), and compiled static shapes make graphs once."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lightning_txopt import BucketDataModule
+    from lightning_txopt.models import attention
+    from tests.helpers import cpu_trainer, make_samples
+
+    calls = {"kernel": 0, "fallback": 0}
+    kernel, fallback = attention._kernel, attention.segment_mask
+
+    def counted_kernel(*args, **kwargs):
+        calls["kernel"] += 1
+        return kernel(*args, **kwargs)
+
+    def counted_fallback(*args, **kwargs):
+        calls["fallback"] += 1
+        return fallback(*args, **kwargs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    if not compile:  # compiled code would guard on the counters' values and recompile each step
+        monkeypatch.setattr(attention, "_kernel", counted_kernel)
+        monkeypatch.setattr(attention, "segment_mask", counted_fallback)
+    samples = make_samples(160, seed=5, max_len=3 * WINDOW)
+    if task == "causal-lm":
+        samples = [{"input_ids": s["input_ids"], "labels": s["input_ids"]} for s in samples]
+    config = FAMILIES[family].config_dict(hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    dm = BucketDataModule(
+        samples, pad_token_id=0, strategy="packed", max_tokens=256, max_length=64, static_shapes=compile
+    )
+    module = TransformerModule(config=config, task=task, num_labels=3, compile=compile)
+    graphs = []
+
+    class Graphs(pl.Callback):
+        def on_train_batch_end(self, *_args) -> None:
+            graphs.append(int(counters["stats"]["unique_graphs"]))
+
+    trainer = cpu_trainer(
+        accelerator="cuda", precision="bf16-mixed", max_steps=6, callbacks=[Graphs()], limit_val_batches=0
+    )
+    trainer.fit(module, datamodule=dm)
+    assert module.model.config._attn_implementation == "txopt_varlen"
+    assert trainer.global_step == 6 and torch.isfinite(trainer.callback_metrics["train_loss"])
+    if not compile:
+        assert calls["kernel"] >= 6 * config.get("num_hidden_layers", 2) and calls["fallback"] == 0
+    else:
+        assert graphs[0] >= 1 and len(set(graphs)) == 1

@@ -148,3 +148,22 @@ def test_the_probe_compares_in_full_fp32_and_restores_the_matmul_precision():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "mistral"])
+def test_the_probe_ignores_the_surrounding_autocast(family):
+    # the first packed training batch runs the probe inside bf16-mixed's autocast: it must still compare in fp32
+    register_varlen_attention()
+    model = FAMILIES[family].build("sequence-classification", attn="txopt_varlen")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_packing_support(model, task="sequence-classification")
+        with pytest.raises(ValueError, match="mixes packed samples"):
+            check_packing_support(_IgnoresPositions())
+
+
+def test_half_precision_parameters_are_compared_at_their_precision():
+    register_varlen_attention()
+    model = FAMILIES["llama"].build("causal-lm", attn="txopt_varlen").bfloat16()
+    check_packing_support(model, task="causal-lm")  # bf16 arithmetic: within 3e-2, not the fp32 1e-4
+    with pytest.raises(ValueError, match="mixes packed samples"):
+        check_packing_support(_IgnoresPositions().bfloat16())
