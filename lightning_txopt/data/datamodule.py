@@ -17,7 +17,7 @@ from lightning_txopt.data.packing import PackingCollator
 from lightning_txopt.data.planning import OversizePolicy
 from lightning_txopt.data.report import PaddingRow, padding_report
 from lightning_txopt.data.sampler import BucketBatchSampler
-from lightning_txopt.utils.checks import check_exactly_one_budget, check_positive_int
+from lightning_txopt.utils.checks import check_exactly_one_budget, check_positive_int, round_up
 
 __all__ = ["DATA_STRATEGIES", "DEFAULT_PACK_LENGTH", "BucketDataModule"]
 
@@ -392,10 +392,21 @@ class BucketDataModule(pl.LightningDataModule):
         return self.collator_for("train")
 
     def _static_slots(self, split: str, budget: int) -> int:
-        """The most samples one batch of ``budget`` tokens can hold: its shortest samples, back to back."""
-        shortest = np.cumsum(np.sort(self.lengths(split)))
-        fit = int(np.searchsorted(shortest, budget, side="right"))
-        return max(-(-fit // 8) * 8, 8)  # a multiple of 8 slots
+        """Sample slots of a static batch of ``budget`` tokens: the planner caps each batch at this many samples.
+
+        Every slot is a segment of the varlen kernel's grid, empty or not, so the count is the mean number of samples
+        per batch plus the fullest row's (what :func:`~lightning_txopt.data.planning.group_rows` deals, at most), not
+        the worst case of a batch of only the shortest samples; a multiple of 8, never over that worst case.
+        """
+        lengths = self.planned_lengths(split)
+        shortest = np.cumsum(np.sort(lengths))
+        pack = self.pack_length
+        worst = int(np.searchsorted(shortest, budget, side="right"))
+        fullest_row = int(np.searchsorted(shortest, pack, side="right"))
+        rows = budget // pack
+        fewest_batches = max(-(-int(shortest[-1]) // (rows * pack)), 1)
+        slots = min(-(-lengths.size // fewest_batches) + fullest_row, worst)
+        return max(int(round_up(slots, 8)), 8)
 
     def collator_for(self, split: str, max_tokens: int | None = None) -> PaddingCollator | PackingCollator:
         """The collator of a split (``max_tokens`` overrides the split's budget, for static packed shapes)."""
@@ -432,6 +443,11 @@ class BucketDataModule(pl.LightningDataModule):
         train = split == "train"
         budget = max_tokens if max_tokens is not None else self._budget(split)
         num_replicas, rank = self._world()
+        packed = self.strategy == "packed"
+        slots = None
+        if packed and self.static_shapes:
+            assert budget is not None
+            slots = self._static_slots(split, budget // self.pack_length * self.pack_length)
         return BucketBatchSampler(
             lengths,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -444,7 +460,8 @@ class BucketDataModule(pl.LightningDataModule):
             group_by_length=self.strategy in ("bucket", "packed"),
             pool_size=self.pool_size,
             oversize=self.oversize,
-            pack_length=self.pack_length if self.strategy == "packed" else None,
+            pack_length=self.pack_length if packed else None,
+            max_samples=slots,
         )
 
     def _loader(self, split: str, sampler: BucketBatchSampler, cls: type[DataLoader] = DataLoader, **extra: Any) -> Any:

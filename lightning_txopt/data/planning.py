@@ -38,6 +38,7 @@ __all__ = [
     "OversizePolicy",
     "as_lengths",
     "best_fit_decreasing",
+    "group_rows",
     "next_fit_rows",
     "plan_epoch",
 ]
@@ -245,6 +246,68 @@ def best_fit_decreasing(
     return order[by_row], offsets
 
 
+def group_rows(
+    counts: np.ndarray, rows_per_batch: int, *, max_samples: int | None = None, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deal packed rows into batches of at most ``rows_per_batch`` rows with similar numbers of samples.
+
+    ``counts[r]`` is row ``r``'s number of samples. Best fit decreasing creates the rows of the shortest samples last;
+    batches of consecutive rows would hold a few long samples early and thousands of short ones at the end, which
+    sizes every static batch (and the attention kernel's grid, one block per sample) for the worst one. Instead the
+    rows, most samples first (ties in random order with ``rng``), are dealt to ``ceil(rows / rows_per_batch)``
+    batches in snake order (0, 1, ..., B-1, B-1, ..., 0, ...), so that every batch holds about the mean number of
+    samples, at most about the mean plus the fullest row. Inside a batch the rows keep their creation order (what
+    :func:`next_fit_rows` needs to recover them). A batch over ``max_samples`` is split, whole rows apart.
+
+    Returns:
+        ``(rows, offsets)``: the row ids batch by batch, and the ``batches + 1`` boundaries into it.
+
+    Raises:
+        ValueError: If one row holds more than ``max_samples`` samples.
+
+    Example:
+        >>> rows, offsets = group_rows(np.array([1, 1, 9, 8, 2, 2]), 2)
+        >>> [rows[a:b].tolist() for a, b in itertools.pairwise(offsets)]
+        [[1, 2], [0, 3], [4, 5]]
+    """
+    check_positive_int("rows_per_batch", rows_per_batch)
+    n_rows = counts.size
+    if n_rows == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    if max_samples is not None and int(counts.max()) > max_samples:
+        raise ValueError(f"A packed row holds {int(counts.max())} samples > max_samples={max_samples}.")
+    n_batches = -(-n_rows // rows_per_batch)
+    ids = rng.permutation(n_rows) if rng is not None else np.arange(n_rows)
+    fullest_first = ids[np.argsort(-counts[ids], kind="stable")]
+    lap, seat = np.divmod(np.arange(n_rows, dtype=np.int64), n_batches)
+    batch_of = np.empty(n_rows, dtype=np.int64)
+    batch_of[fullest_first] = np.where(lap % 2 == 0, seat, n_batches - 1 - seat)
+    rows = np.lexsort((np.arange(n_rows), batch_of))  # batch by batch, rows in creation order
+    starts = np.flatnonzero(np.diff(batch_of[rows], prepend=-1))
+    offsets = np.append(starts, n_rows).astype(np.int64)
+    if max_samples is not None:
+        per_batch = np.add.reduceat(counts[rows], starts)
+        if (per_batch > max_samples).any():
+            cuts = [0]
+            for a, b in itertools.pairwise(offsets.tolist()):
+                total = 0
+                for i in range(a, b):  # only the (rare) batches over the cap need more than one cut
+                    total += int(counts[rows[i]])
+                    if total > max_samples:
+                        cuts.append(i)
+                        total = int(counts[rows[i]])
+                cuts.append(b)
+            offsets = np.asarray(cuts, dtype=np.int64)
+    return rows, offsets
+
+
+def _row_positions(row_offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions, in the row-by-row sample order of ``row_offsets``, of the samples of ``rows`` in that order."""
+    counts = np.diff(row_offsets)[rows]
+    starts = row_offsets[:-1][rows]
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
 def next_fit_rows(lengths: npt.ArrayLike, capacity: int) -> np.ndarray:
     """Row of each item when items are laid into rows of ``capacity`` in order, a new row when one is full.
 
@@ -323,6 +386,7 @@ def plan_epoch(
     pool_size: int | None = None,
     oversize: OversizePolicy = "error",
     pack_length: int | None = None,
+    max_samples: int | None = None,
 ) -> EpochPlan:
     """Plan the batches of one epoch for every rank.
 
@@ -343,9 +407,11 @@ def plan_epoch(
         oversize: What to do with samples longer than ``max_tokens``: ``"error"`` raises, ``"skip"`` leaves them out
             (listed in :attr:`EpochPlan.skipped`), ``"single"`` gives each a batch of its own (over budget).
         pack_length: Padding-free packing: samples are packed (best-fit decreasing) into rows of at most
-            ``pack_length`` tokens, and each batch holds ``max_tokens // pack_length`` consecutive rows, listed row
-            by row (each row's samples longest first, rows in creation order) so that
-            :func:`next_fit_rows` recovers the rows. Needs ``max_tokens``.
+            ``pack_length`` tokens, and the rows are dealt into batches of at most ``max_tokens // pack_length``
+            rows with similar numbers of samples (:func:`group_rows`), listed row by row (each row's samples longest
+            first, rows in creation order) so that :func:`next_fit_rows` recovers the rows. Needs ``max_tokens``.
+        max_samples: Packing: at most this many samples per batch (static shapes' sample slots); a batch dealt
+            more is split, whole rows apart.
 
     Returns:
         The plan of the epoch.
@@ -369,6 +435,9 @@ def plan_epoch(
     check_positive_int("pool_size", pool_size, optional=True)
     if oversize not in OVERSIZE_POLICIES:
         raise ValueError(f"`oversize` must be one of {OVERSIZE_POLICIES}, got {oversize!r}.")
+    check_positive_int("max_samples", max_samples, optional=True)
+    if max_samples is not None and pack_length is None:
+        raise ValueError("`max_samples` caps the samples of packed batches: give it with `pack_length`.")
     rows_per_batch = 0
     if pack_length is not None:
         check_positive_int("pack_length", pack_length)
@@ -407,7 +476,11 @@ def plan_epoch(
     if rows_per_batch:
         assert max_tokens is not None
         order, row_offsets = best_fit_decreasing(lengths, ids, max_tokens, _rng(seed, epoch, 0) if shuffle else None)
-        offsets = np.append(row_offsets[:-1:rows_per_batch], row_offsets[-1]).astype(np.int64)
+        counts = np.diff(row_offsets)
+        rng = _rng(seed, epoch, 3) if shuffle else None
+        rows, batch_rows = group_rows(counts, rows_per_batch, max_samples=max_samples, rng=rng)
+        order = order[_row_positions(row_offsets, rows)]
+        offsets = np.concatenate(([0], np.cumsum(counts[rows])))[batch_rows].astype(np.int64)
         seg_starts = np.zeros(0, dtype=np.int64)
     elif group_by_length and (pool_size is None or pool_size >= ids.size):
         order = _sorted_with_random_ties(lengths, ids, _rng(seed, epoch, 0) if shuffle else None)

@@ -107,6 +107,7 @@ class BucketBatchSampler(BatchSampler):
             sample, ``"skip"`` leaves them out with a warning, ``"single"`` puts each alone in a batch.
         pack_length: Padding-free packing (needs ``max_tokens``): batches of ``max_tokens // pack_length`` rows of
             at most ``pack_length`` tokens each, for :class:`~lightning_txopt.data.packing.PackingCollator`.
+        max_samples: Packing: at most this many samples per batch (the static shapes' sample slots).
         sampler: Where the number of ranks and the rank come from when Lightning re-creates the sampler for
             distributed training (a ``DistributedSampler``; its own order is not used: the plan deals the batches).
             Any other sampler is ignored.
@@ -138,6 +139,7 @@ class BucketBatchSampler(BatchSampler):
         pool_size: int | None = None,
         oversize: OversizePolicy = "error",
         pack_length: int | None = None,
+        max_samples: int | None = None,
         sampler: Any = None,
     ) -> None:
         if isinstance(lengths, Sampler):
@@ -151,6 +153,7 @@ class BucketBatchSampler(BatchSampler):
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("pool_size", pool_size)):
             check_positive_int(name, value, optional=True)
         check_positive_int("pack_length", pack_length, optional=True)
+        check_positive_int("max_samples", max_samples, optional=True)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         if oversize not in OVERSIZE_POLICIES:
@@ -169,6 +172,7 @@ class BucketBatchSampler(BatchSampler):
         self.pool_size = pool_size
         self.oversize: OversizePolicy = oversize
         self.pack_length = pack_length
+        self.max_samples = max_samples
         self.epoch = 0
         self._skip = 0  # batches to skip at the next __iter__ (resume)
         self._yielded = 0  # batches yielded by the running iteration
@@ -208,6 +212,7 @@ class BucketBatchSampler(BatchSampler):
             pool_size=self.pool_size,
             oversize=self.oversize,
             pack_length=self.pack_length,
+            max_samples=self.max_samples,
         )
         self._cache = (epoch, plan)
         return plan

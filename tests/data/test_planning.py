@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_txopt.data.planning import best_fit_decreasing, next_fit_rows, plan_epoch
+from lightning_txopt.data.planning import best_fit_decreasing, group_rows, next_fit_rows, plan_epoch
 from lightning_txopt.data.report import padding_report
 
 FORTUNES = Path(__file__).parent / "fortune_lengths.npy"
@@ -94,3 +94,55 @@ def test_plan_needs_a_budget_with_packing():
         plan_epoch(np.array([3, 4]), batch_size=2, pack_length=8)
     with pytest.raises(ValueError, match="pack_length=9 > max_tokens=8"):
         plan_epoch(np.array([3, 4]), max_tokens=8, pack_length=9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 60), min_size=1, max_size=120),
+    per_batch=st.integers(1, 9),
+    seed=st.integers(0, 3),
+)
+def test_group_rows_deals_every_row_once_into_balanced_batches(counts, per_batch, seed):
+    c = np.array(counts)
+    rows, offsets = group_rows(c, per_batch, rng=np.random.default_rng(seed))
+    assert sorted(rows.tolist()) == list(range(c.size))  # every row exactly once
+    batches = [rows[a:b] for a, b in itertools.pairwise(offsets.tolist())]
+    assert len(batches) == math.ceil(c.size / per_batch)  # as few batches as consecutive rows would make
+    assert all(0 < len(b) <= per_batch for b in batches)
+    assert all((np.diff(b) > 0).all() for b in batches)  # creation order inside a batch
+    sums = [int(c[b].sum()) for b in batches]
+    assert max(sums) <= math.ceil(c.sum() / len(batches)) + c.max()  # the bound the static slots are sized by
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts=st.lists(st.integers(1, 30), min_size=1, max_size=80), per_batch=st.integers(1, 6), data=st.data())
+def test_group_rows_cap_splits_batches_whole_rows_apart(counts, per_batch, data):
+    c = np.array(counts)
+    cap = data.draw(st.integers(int(c.max()), int(c.sum())))
+    rows, offsets = group_rows(c, per_batch, max_samples=cap)
+    assert sorted(rows.tolist()) == list(range(c.size))
+    for a, b in itertools.pairwise(offsets.tolist()):
+        assert 0 < b - a <= per_batch and int(c[rows[a:b]].sum()) <= cap
+    with pytest.raises(ValueError, match="max_samples"):
+        group_rows(c, per_batch, max_samples=int(c.max()) - 1) if c.max() > 1 else group_rows(c, 1, max_samples=0)
+
+
+def test_packed_batches_hold_about_the_mean_number_of_samples_and_next_fit_recovers_their_rows():
+    lengths = np.load(FORTUNES)
+    plan = plan_epoch(lengths, max_tokens=16384, pack_length=512, seed=0)
+    sizes = plan.sizes
+    assert sizes.max() <= 1.2 * sizes.mean()  # consecutive rows: from a few dozen to over a thousand samples
+    rows_seen = 0
+    for b in range(plan.num_batches):
+        ids = plan.batch(b)
+        row_of = next_fit_rows(lengths[ids], 512)
+        assert int(row_of[-1]) < 16384 // 512
+        rows_seen += int(row_of[-1]) + 1
+    _, row_offsets = best_fit_decreasing(lengths, np.arange(lengths.size), 512, np.random.default_rng(0))
+    assert rows_seen == row_offsets.size - 1  # the same rows, regrouped
+    capped = plan_epoch(lengths, max_tokens=16384, pack_length=512, seed=0, max_samples=300)
+    assert capped.sizes.max() <= 300 and sorted(np.concatenate(capped.rank_batches(0)).tolist()) == list(
+        range(lengths.size)
+    )
+    with pytest.raises(ValueError, match=r"max_samples.*pack_length"):
+        plan_epoch(lengths, max_tokens=16384, max_samples=300)
