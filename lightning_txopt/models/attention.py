@@ -293,6 +293,7 @@ def varlen_attention_forward(
             "packed rows cannot carry it. Use strategy='bucket' for this model."
         )
     cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
+    query, key, value = _autocast_inputs(query, key, value)
     batch, heads, seq, dim = query.shape
     window = _window(sliding_window, causal)
     if varlen_kernel_available(query.device, query.dtype) and dim % 8 == 0 and dim <= 256:
@@ -312,6 +313,22 @@ def varlen_attention_forward(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` in autocast's half dtype when autocast is on and one of them is fp32, as SDPA would get them.
+
+    SDPA is on autocast's lower-precision list, the kernel op is not. Rotary embeddings multiply bf16 projections
+    by fp32 ``cos``/``sin`` (Llama, Qwen2, Mistral under ``bf16-mixed``), which promotes the query and key to fp32:
+    without this cast the packed batch would take the (exact, slower) fp32 fallback instead of the kernel.
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device) or all(t.dtype != torch.float32 for t in tensors):
+        return tensors
+    half = torch.get_autocast_dtype(device)
+    if half not in (torch.bfloat16, torch.float16):
+        return tensors
+    return tuple(t.to(half) for t in tensors)
 
 
 def _varlen_mask(**kwargs: Any) -> Any:

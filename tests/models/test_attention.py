@@ -123,3 +123,25 @@ def test_the_kernel_needs_cuda_half_precision_and_the_op_keeps_its_schema():
     assert not varlen_kernel_available("cpu", torch.float32)
     # the backend calls aten::_flash_attention_forward directly (see _flash_varlen): this fails when torch changes it
     assert flash_forward_schema_matches()
+
+
+def test_packed_rotary_projections_reach_the_kernel_in_the_autocast_dtype(monkeypatch):
+    # Llama-style rotary embeddings promote bf16 projections to fp32 under autocast; SDPA would get them cast back
+    from lightning_txopt.models import attention
+
+    seen = []
+
+    def kernel(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(attention, "varlen_kernel_available", lambda device, dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(attention, "_kernel", kernel)
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)  # fp32, as the rotary product leaves them
+    v = torch.randn(1, 1, 5, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.varlen_attention_forward(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=cu)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+    attention.varlen_attention_forward(torch.nn.Module(), q, k, v.float(), None, cu_seq_lens_q=cu)
+    assert len(seen) == 1  # fp32 without autocast: the exact fallback, untouched
