@@ -325,6 +325,23 @@ def issue15_rows(settings: Settings) -> list[Row]:
                 requires=(auto, "static_shapes"),
                 **decoder,
             ),
+            Row(
+                f"llama_packed_static_compile.corpus.{tokens // 1024}k",
+                f'Llama causal LM, corpus lengths: packed rows of 512, max_tokens={b}, static shapes, attn "auto" '
+                "(varlen), compile=True",
+                options=dict(
+                    strategy="packed",
+                    max_length=512,
+                    max_tokens=b,
+                    static_shapes=True,
+                    attn_implementation="auto",
+                    causal=True,
+                    module_compile=True,
+                ),
+                requires=(auto, "static_shapes", "module_compile"),
+                warmup=cw,
+                **decoder,
+            ),
         ]
     return rows
 
