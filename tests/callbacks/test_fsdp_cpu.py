@@ -164,6 +164,49 @@ def test_reduce_every_micro_batch_is_for_fsdp_only():
     assert stub.accumulate_grad_batches == 2
 
 
+def test_reduce_every_micro_batch_keeps_lightning_from_skipping_fsdp1_reductions():
+    """Lightning's loop enters ``strategy.model.no_sync()`` on the micro-batches that do not step when the model
+    passes its ``DistributedDataParallel`` check, a Protocol whose only member is ``no_sync``: FSDP1's wrapper passes
+    it (on one GPU: no reduction inside windows without the callback). ``reduce_every_micro_batch=True`` makes the
+    strategy's ``block_backward_sync`` a no-op for the fit, and teardown restores it."""
+    from contextlib import contextmanager
+
+    from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
+    from lightning.pytorch.utilities.types import DistributedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    assert issubclass(FullyShardedDataParallel, DistributedDataParallel)  # Lightning takes FSDP1 for DDP
+
+    class Wrapped(torch.nn.Module):  # stands for FSDP1's root unit (FSDP1 itself needs an accelerator)
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = 0
+
+        @contextmanager
+        def no_sync(self) -> Any:
+            self.entered += 1
+            yield
+
+    def micro_batch_without_step(strategy: Any) -> None:
+        with _block_parallel_sync_behavior(strategy, block=True):  # what Lightning's loop runs around it
+            pass
+
+    module = ModelModule(tiny_bert())
+    for reduce_every in (False, True):
+        strategy, wrapped = FSDPStrategy(), Wrapped()
+        strategy.model = wrapped
+        stub = _stub_trainer(strategy)
+        callback = AccumulationScheduler({0: 2}, reduce_every_micro_batch=reduce_every)
+        callback.setup(stub, module, "fit")
+        callback.on_fit_start(stub, module)
+        micro_batch_without_step(strategy)
+        assert wrapped.entered == (0 if reduce_every else 1)
+        callback.teardown(stub, module, "fit")
+        assert "block_backward_sync" not in vars(strategy)
+        micro_batch_without_step(strategy)  # Lightning's behaviour again
+        assert wrapped.entered == (1 if reduce_every else 2)
+
+
 # --------------------------------------------------------------------------- two gloo processes, FSDP2
 
 

@@ -169,12 +169,18 @@ def test_fsdp1_accumulated_update_is_the_exact_window_gradient_without_reduction
     intermediate = [count for _, count, stepped in module.comms if not stepped]
     assert len(stepping) == 3 and all(c > 0 for c in stepping), module.comms  # FSDP1 reduces each flat gradient
     assert len(intermediate) >= 4 and intermediate == [0] * len(intermediate), module.comms
-    # the control: reducing every micro-batch is what Lightning alone does under FSDP
+    # the control: reduce_every_micro_batch=True reduces every micro-batch (Lightning's own no_sync() kept off)
     every = ShardedSumModule("sum", record=False)
     callback = AccumulationScheduler({0: 3}, normalize="tokens", reduce_every_micro_batch=True)
     with counting_reductions(every):
         gpu_trainer(fsdp(), max_steps=1, callbacks=[callback]).fit(every, datamodule=_dm())
     assert len(every.comms) == 3 and all(count > 0 for _, count, _ in every.comms), every.comms
+    # Lightning alone skips FSDP1's reduction inside windows too: its loop enters strategy.model.no_sync() where
+    # the model passes its DistributedDataParallel check, a Protocol that FullyShardedDataParallel passes
+    alone = ShardedSumModule("sum", record=False)
+    with counting_reductions(alone):
+        gpu_trainer(fsdp(), max_steps=1, accumulate_grad_batches=3).fit(alone, datamodule=_dm())
+    assert [(count > 0, stepped) for _, count, stepped in alone.comms] == [(False, False)] * 2 + [(True, True)]
 
 
 # --------------------------------------------------------------------------- FSDP1: parameter sharing
