@@ -38,7 +38,6 @@ from lightning_txopt.callbacks import (
 )
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule
-from lightning_txopt.utils.sharding import clean_name
 from tests.fsdp_helpers import (
     FSDP2Transformer,
     ShardedSumModule,
@@ -46,6 +45,7 @@ from tests.fsdp_helpers import (
     counting_reductions,
     fsdp2_available,
     full_parameters,
+    parameter_at,
     reference_window_gradient,
     windows,
 )
@@ -214,7 +214,7 @@ class _Memory(Callback):
     def on_train_start(self, trainer, pl_module):
         torch.cuda.synchronize()
         self.start = torch.cuda.memory_allocated()
-        self.before = {n: p for n, p in full_parameters(pl_module).items() if n in FROZEN}
+        self.before = full_parameters(pl_module, FROZEN)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == 1:
@@ -222,7 +222,7 @@ class _Memory(Callback):
             self.growth = torch.cuda.memory_allocated() - self.start
 
     def on_train_end(self, trainer, pl_module):
-        self.after = {n: p for n, p in full_parameters(pl_module).items() if n in FROZEN}
+        self.after = full_parameters(pl_module, FROZEN)
 
 
 def _memory_run(strategy: Any, frozen: bool) -> tuple[_Memory, FreezeEmbeddings | None, Any]:
@@ -236,16 +236,21 @@ def _memory_run(strategy: Any, frozen: bool) -> tuple[_Memory, FreezeEmbeddings 
     trainer = gpu_trainer(strategy, max_steps=3, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
     optimizer = trainer.optimizers[0]
-    params = {clean_name(n): p for n, p in module.named_parameters()}
-    frozen_params = [params[n] for n in FROZEN]
+    # by attribute, not named_parameters(): FSDP1 no longer lists the parameters of a unit that is all frozen
+    frozen_params = [parameter_at(module, n) for n in FROZEN]
     if frozen:
         assert all(p.grad is None for p in frozen_params)  # no gradient
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert not any(id(p) in in_optimizer or optimizer.state.get(p) for p in frozen_params)  # no state
+        assert all(id(p) in in_optimizer for p in optimizer.state)
         for name in FROZEN:  # no change
             torch.testing.assert_close(memory.after[name], memory.before[name], rtol=0, atol=0)
     assert optimizer.defaults.get("fused") is True  # TransformerModule's fused AdamW, on DTensors too
     return memory, freeze, trainer
+
+
+def _optimized_numel(trainer: Any) -> int:
+    return sum(p.numel() for g in trainer.optimizers[0].param_groups for p in g["params"])  # one process: all local
 
 
 def _record(name: str, figures: dict[str, Any]) -> None:
@@ -269,11 +274,13 @@ _MEMORY_CASES = {
 def test_frozen_embeddings_save_the_memory_they_report(case):
     if case == "fsdp2" and not fsdp2_available():
         pytest.skip("needs ModelParallelStrategy and torch's fully_shard")
-    trained, _, _ = _memory_run(_MEMORY_CASES[case](), frozen=False)
-    frozen_memory, freeze, _ = _memory_run(_MEMORY_CASES[case](), frozen=True)
+    trained, _, trained_trainer = _memory_run(_MEMORY_CASES[case](), frozen=False)
+    frozen_memory, freeze, frozen_trainer = _memory_run(_MEMORY_CASES[case](), frozen=True)
     assert freeze is not None and freeze.memory is not None
     report = freeze.memory
     numel = 32768 * 64 + 64 * 64 + 2 * 64  # token, position and type tables (fp32, one process: all local)
+    # the optimizer holds everything but the tables (FSDP1 may expose them as tensors the optimizer would not hold)
+    assert _optimized_numel(trained_trainer) - _optimized_numel(frozen_trainer) == numel
     assert report.local_parameters == numel and report.optimizer_bytes == 8 * numel
     expected_gradient = 0 if case == "fsdp1_blocks" else 4 * numel  # PyTorch #104967
     assert report.gradient_bytes == expected_gradient
