@@ -521,15 +521,20 @@ class AccumulationScheduler(Callback):
 
         Lightning backpropagates ``summed loss / divisor``, about ``items / divisor`` times a mean loss: with the
         default initial scale (2**16, meant for mean losses) its fp16 gradients would overflow and GradScaler would
-        skip about ``log2(items / divisor)`` first steps while halving its way down. The count is the maximum over
-        ranks, so every rank starts at the same scale (DDP averages the scaled gradients of all ranks).
+        skip about ``log2(items / divisor)`` steps while halving its way down. The scale is lowered by ``items``, the
+        first micro-batch's count, not ``items / divisor``: the divisor is that of the first window, and later windows
+        can have one as small as 1 (the window the epoch end cuts short has ``divisor >= its length``; a schedule's
+        factor-1 phases), where the whole summed loss is backpropagated. Micro-batches with more items than the first
+        can still overflow; GradScaler then skips that step and halves its scale, as it does for mean losses. The
+        count is the maximum over ranks, so every rank starts at the same scale (DDP averages the scaled gradients of
+        all ranks).
         """
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is None or not scaler.is_enabled() or trainer.global_step > 0:
             return
         count = torch.as_tensor(items, dtype=torch.float64, device=pl_module.device)
         count = trainer.strategy.reduce(count, reduce_op="max")
-        multiple = float(count) / self.divisor  # once per fit, under fp16 only
+        multiple = float(count)  # once per fit, under fp16 only; any window's divisor is >= 1
         current = scaler.get_scale()
         new = float(2.0 ** max(math.floor(math.log2(current / max(multiple, 1.0))), 0))
         if new >= current:
@@ -537,7 +542,7 @@ class AccumulationScheduler(Callback):
         set_loss_scale(scaler, new)
         rank_zero_info(
             f"AccumulationScheduler(normalize='tokens'): GradScaler starts at {new:g} instead of {current:g} "
-            f"(the backpropagated summed loss is ~{multiple:,.0f} times a mean loss)."
+            f"(a micro-batch's summed loss is ~{multiple:,.0f} times a mean loss)."
         )
 
     @override
