@@ -447,8 +447,11 @@ class CudaMemory(DeviceMemory):
     memory at its second step: the allocated peak misses the fragmentation that large, shape-dependent
     allocations cause. ``peak="allocated"`` (``torch.cuda.max_memory_allocated``) finds larger budgets, safe with
     ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (little fragmentation). The margin
-    ``1 - max_memory_fraction`` covers what later steps add. Probing resets CUDA's process-wide peak counters;
-    :meth:`release` resets them once more, so that a peak read after training is the run's, not the probes'.
+    ``1 - max_memory_fraction`` covers what later steps add. A probe's batches run back to back, so its reserved
+    peak also counts blocks an earlier batch freed that a later, larger one could not reuse (up to about twice one
+    step's need, by the batches' order): on the safe side, and not monotone in the budget. Probing resets CUDA's
+    process-wide peak counters; :meth:`release` (after each probe: the cache emptied) resets them once more, so
+    that a peak read after training is the run's, not the probes'.
 
     Args:
         peak: ``"reserved"`` or ``"allocated"``.

@@ -6,7 +6,8 @@ Importable by spawned processes: heavy imports stay inside functions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,16 +69,32 @@ class FSDP2Transformer(TransformerModule):
             shard_model(self.model, mesh["data_parallel"])
 
 
-def full_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+def parameter_at(module: nn.Module, name: str) -> Any:
+    """The tensor at a parameter's unwrapped name (as :func:`clean_name` writes it), read attribute by attribute.
+
+    FSDP1's and ``checkpoint_wrapper``'s wrappers forward attribute reads to the module they wrap, so the unwrapped
+    path reaches the tensor whether or not ``named_parameters()`` lists it. FSDP1 (``use_orig_params=True``) stops
+    listing the parameters of a unit that is all frozen once its output requires grad (FreezeEmbeddings' forward hook
+    on embedding units of their own): the pre-backward unshard sets them as plain tensors, and no post-backward hook
+    (the unit gets no gradient) sets them back as parameters.
+    """
+    return functools.reduce(getattr, name.split("."), module)
+
+
+def _full(t: Any) -> torch.Tensor:
+    full = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return full.detach().cpu().clone()
+
+
+def full_parameters(module: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Every parameter in full on the CPU, under its unwrapped name (``DTensor``s gathered: a collective).
 
-    FSDP1 parameters are taken as they are: full on one process (FSDP1 runs ``NO_SHARD`` there).
+    ``names``: only those (unwrapped names), read with :func:`parameter_at`, so also where FSDP1 no longer lists
+    them. FSDP1 parameters are taken as they are: full on one process (FSDP1 runs ``NO_SHARD`` there).
     """
-    out = {}
-    for name, p in module.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[clean_name(name)] = full.detach().cpu().clone()
-    return out
+    if names is not None:
+        return {name: _full(parameter_at(module, name)) for name in names}
+    return {clean_name(name): _full(p) for name, p in module.named_parameters()}
 
 
 def full_gradients(module: nn.Module) -> dict[str, torch.Tensor | None]:

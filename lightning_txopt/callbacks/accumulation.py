@@ -6,12 +6,13 @@ mid-epoch resume, and, like every mean-reduced loss, weights micro-batches equal
 (Lightning #20350). This callback keeps Lightning's own accumulation machinery and only decides what it is told.
 
 Lightning's loop steps after the micro-batch counted ``c`` (from 1 at each epoch start) when
-``c % trainer.accumulate_grad_batches == 0`` or at the epoch end, runs DDP's ``no_sync`` on every other micro-batch
-(the same decision), zeroes the gradients before micro-batch ``c`` when ``(c - 1) % trainer.accumulate_grad_batches
-== 0``, and divides every micro-batch loss by ``trainer.accumulate_grad_batches``. The callback plans each window
-(:func:`window_end`), sets ``trainer.accumulate_grad_batches`` for all of it to the value under which Lightning makes
-exactly that window (:func:`lightning_divisor`), and fixes the gradient just before the optimizer step, after AMP
-unscaling and before clipping:
+``c % trainer.accumulate_grad_batches == 0`` or at the epoch end, runs ``no_sync`` (DDP's, FSDP1's) on every
+other micro-batch (the same decision), zeroes the gradients before micro-batch ``c`` when
+``(c - 1) % trainer.accumulate_grad_batches == 0``, and divides every micro-batch loss by
+``trainer.accumulate_grad_batches``. The callback plans each window (:func:`window_end`), sets
+``trainer.accumulate_grad_batches`` for all of it to the value under which Lightning makes exactly that window
+(:func:`lightning_divisor`), and fixes the gradient just before the optimizer step, after AMP unscaling and before
+clipping:
 
 * ``normalize="mean"``: the gradient is the mean of the micro-batch gradients that are really in the window;
 * ``normalize="tokens"``: the LightningModule returns the loss *summed* over its items (and declares it,
@@ -21,8 +22,9 @@ unscaling and before clipping:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -50,6 +52,12 @@ __all__ = [
 Interval = Literal["epoch", "step"]
 Normalize = Literal["mean", "tokens"]
 LOSS_REDUCTIONS: tuple[str, ...] = ("auto", "mean", "sum")  # the values of a module's declared `loss_reduction`
+
+
+@contextlib.contextmanager
+def _reduce_anyway() -> Iterator[None]:
+    """``strategy.block_backward_sync`` under ``reduce_every_micro_batch=True``: blocks nothing."""
+    yield None
 
 
 def _validate_scheduling(scheduling: Mapping[int, int]) -> dict[int, int]:
@@ -239,13 +247,17 @@ class AccumulationScheduler(Callback):
     with ``interval="step"`` a factor that starts at some optimizer step starts full windows there (see
     :func:`window_end`); the epoch end cuts the last one short. :func:`count_optimizer_steps` counts the same windows.
 
-    Sharded training (``docs/fsdp.md``): Lightning skips DDP's all-reduce on the micro-batches that do not step, but
-    not the reduce-scatter of ``FSDPStrategy`` (FSDP1) or ``ModelParallelStrategy`` (FSDP2). Under those, this
-    callback switches the reduction off for every micro-batch of a window but its last
+    Sharded training (``docs/fsdp.md``): Lightning's loop runs ``strategy.block_backward_sync()`` around the
+    micro-batches that do not step, which enters ``strategy.model.no_sync()`` when the model passes Lightning's
+    ``DistributedDataParallel`` check, a runtime-checkable Protocol whose only member is ``no_sync``. DDP passes it,
+    and so does FSDP1's ``FullyShardedDataParallel`` (``FSDPStrategy``); FSDP2 (``ModelParallelStrategy``, whose
+    ``strategy.model`` is the LightningModule) does not, and reduce-scatters every micro-batch. This callback
+    switches the reduction off itself for every micro-batch of a window but its last
     (:class:`~lightning_txopt.utils.sharding.GradientSync`: FSDP1's ``no_sync()``, FSDP2's
-    ``set_requires_gradient_sync``), so a window costs one reduction, as under DDP. Each rank then holds its
-    unsharded gradients until the window's last backward; ``reduce_every_micro_batch=True`` keeps only sharded
-    gradients instead, at the cost of a reduce-scatter per micro-batch (same result).
+    ``set_requires_gradient_sync``), so a window costs one reduction under both, as under DDP. Each rank then holds
+    its unsharded gradients until the window's last backward; ``reduce_every_micro_batch=True`` keeps only sharded
+    gradients instead, at the cost of a reduce-scatter per micro-batch (same result): the callback then also makes
+    the strategy's ``block_backward_sync`` a no-op for the fit, so that Lightning does not skip FSDP1's reduction.
 
     Args:
         scheduling: ``{first epoch (or optimizer step): factor}``, e.g. ``{0: 1, 4: 8}``; before the first key the
@@ -259,7 +271,8 @@ class AccumulationScheduler(Callback):
             shifted labels of a Hugging Face causal LM.
         reduce_every_micro_batch: Under FSDP (``FSDPStrategy``, ``ModelParallelStrategy``) only: reduce-scatter the
             gradient of every micro-batch (sharded gradient memory, one collective per micro-batch) instead of once
-            per window (the default: unsharded gradients held through the window).
+            per window (the default: unsharded gradients held through the window). Lightning's own skipping of the
+            reduction (FSDP1's ``no_sync()`` through ``strategy.block_backward_sync``) is switched off for the fit.
 
     Raises:
         ValueError: On invalid arguments here; in ``setup`` with ``Trainer(accumulate_grad_batches > 1)``, with
@@ -311,6 +324,7 @@ class AccumulationScheduler(Callback):
         self._managing = False  # setup passed: this callback sets trainer.accumulate_grad_batches
         self._scaler_checked = False
         self._sync: GradientSync | None = None  # FSDP: switches the gradient reduction off inside a window
+        self._unblocked: Any = None  # reduce_every_micro_batch: the strategy whose block_backward_sync is a no-op
 
     def factor_for(self, *, epoch: int, step: int) -> int:
         """Factor in force at an epoch (``interval="epoch"``) or optimizer step (``interval="step"``)."""
@@ -378,6 +392,9 @@ class AccumulationScheduler(Callback):
         if self._sync is not None:
             self._sync.enable()
             self._sync = None
+        if self._unblocked is not None:
+            vars(self._unblocked).pop("block_backward_sync", None)  # the class's method again
+            self._unblocked = None
         if self._set_sum:
             pl_module.loss_reduction = "auto"  # type: ignore[assignment]
             self._set_sum = False
@@ -426,6 +443,11 @@ class AccumulationScheduler(Callback):
         if sharding_kind(trainer.strategy) is not None and not self.reduce_every_micro_batch:
             sync = GradientSync(getattr(trainer.strategy, "model", None))  # wrapped / fully_shard-ed by now
             self._sync = sync if sync.available else None
+        if self.reduce_every_micro_batch and self._unblocked is None:
+            # Lightning's loop would enter FSDP1's no_sync() on the micro-batches that do not step (its DDP check
+            # is a Protocol that FullyShardedDataParallel passes): reduce them all, as asked.
+            vars(trainer.strategy)["block_backward_sync"] = _reduce_anyway  # shadows ParallelStrategy's method
+            self._unblocked = trainer.strategy
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -499,15 +521,20 @@ class AccumulationScheduler(Callback):
 
         Lightning backpropagates ``summed loss / divisor``, about ``items / divisor`` times a mean loss: with the
         default initial scale (2**16, meant for mean losses) its fp16 gradients would overflow and GradScaler would
-        skip about ``log2(items / divisor)`` first steps while halving its way down. The count is the maximum over
-        ranks, so every rank starts at the same scale (DDP averages the scaled gradients of all ranks).
+        skip about ``log2(items / divisor)`` steps while halving its way down. The scale is lowered by ``items``, the
+        first micro-batch's count, not ``items / divisor``: the divisor is that of the first window, and later windows
+        can have one as small as 1 (the window the epoch end cuts short has ``divisor >= its length``; a schedule's
+        factor-1 phases), where the whole summed loss is backpropagated. Micro-batches with more items than the first
+        can still overflow; GradScaler then skips that step and halves its scale, as it does for mean losses. The
+        count is the maximum over ranks, so every rank starts at the same scale (DDP averages the scaled gradients of
+        all ranks).
         """
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is None or not scaler.is_enabled() or trainer.global_step > 0:
             return
         count = torch.as_tensor(items, dtype=torch.float64, device=pl_module.device)
         count = trainer.strategy.reduce(count, reduce_op="max")
-        multiple = float(count) / self.divisor  # once per fit, under fp16 only
+        multiple = float(count)  # once per fit, under fp16 only; any window's divisor is >= 1
         current = scaler.get_scale()
         new = float(2.0 ** max(math.floor(math.log2(current / max(multiple, 1.0))), 0))
         if new >= current:
@@ -515,7 +542,7 @@ class AccumulationScheduler(Callback):
         set_loss_scale(scaler, new)
         rank_zero_info(
             f"AccumulationScheduler(normalize='tokens'): GradScaler starts at {new:g} instead of {current:g} "
-            f"(the backpropagated summed loss is ~{multiple:,.0f} times a mean loss)."
+            f"(a micro-batch's summed loss is ~{multiple:,.0f} times a mean loss)."
         )
 
     @override

@@ -269,13 +269,15 @@ def gradient_free_in_units(model: nn.Module) -> set[int]:
 class GradientSync:
     """Switch off, and back on, the gradient reduction of a sharded model for intermediate micro-batches.
 
-    Lightning's training loop skips DDP's gradient all-reduce on micro-batches that do not step (``no_sync``), but
-    not FSDP's reduce-scatter: ``FSDPStrategy`` and ``ModelParallelStrategy`` reduce every micro-batch's gradient.
-    This switch uses the public APIs: FSDP1's ``FullyShardedDataParallel.no_sync()`` on the root unit
-    (``strategy.model``), FSDP2's ``FSDPModule.set_requires_gradient_sync`` on the outermost ``fully_shard``-ed
-    modules. While off, each rank accumulates its unsharded gradients (the memory of the full gradient); the next
-    reduction, on the stepping micro-batch, reduces their sum, which equals the sum of the per-micro-batch
-    reductions.
+    Lightning's training loop skips the gradient reduction on micro-batches that do not step by entering
+    ``strategy.model.no_sync()`` where the model passes its ``DistributedDataParallel`` check (a Protocol whose only
+    member is ``no_sync``): DDP and FSDP1's wrapper (``FSDPStrategy``) pass it, FSDP2 (``ModelParallelStrategy``,
+    whose model is the LightningModule) does not and reduce-scatters every micro-batch's gradient. This switch does
+    it for both, whatever Lightning does, with the public APIs: FSDP1's ``FullyShardedDataParallel.no_sync()`` on
+    the root unit (``strategy.model``), FSDP2's ``FSDPModule.set_requires_gradient_sync`` on the outermost
+    ``fully_shard``-ed modules. While off, each rank accumulates its unsharded gradients (the memory of the full
+    gradient); the next reduction, on the stepping micro-batch, reduces their sum, which equals the sum of the
+    per-micro-batch reductions.
 
     Args:
         strategy_model: ``trainer.strategy.model`` (the FSDP1 root wrapper, or the LightningModule under FSDP2).

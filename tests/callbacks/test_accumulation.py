@@ -487,6 +487,15 @@ def _fp16_cpu() -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
 
 
+def _scale_for(items: int, init: float = 2.0**16) -> float:
+    """The initial scale the callback sets: ``init`` lowered by ``items`` (the summed loss is ``items`` mean losses;
+    Lightning's divisor is not counted on: it is as small as 1 in the window the epoch end cuts short)."""
+    scale = init
+    while scale * items > init:
+        scale /= 2
+    return scale
+
+
 class _Scales(pl.Callback):
     def __init__(self) -> None:
         self.scales: list[float] = []
@@ -503,12 +512,25 @@ def test_fp16_initial_loss_scale_is_lowered_by_the_size_of_the_summed_loss():
     )
     trainer.fit(module, datamodule=_dm())
     items = int((module.micro_batches[0]["labels"] != -100).sum())
-    expected = 2.0**16
-    while expected * items / 2 > 2.0**16:  # Lightning backpropagates summed loss / 2: items / 2 mean losses
-        expected /= 2
-    assert items > 2 and scales.scales[0] == expected < 2.0**16
+    assert items > 2 and scales.scales[0] == _scale_for(items) < 2.0**16
     first = _windows(module.snapshots)[0]
     assert not all(torch.equal(first[2][k], first[3][k]) for k in first[2])  # the first step was taken
+
+
+def test_fp16_summed_losses_take_every_step_of_uneven_windows():
+    """CPU twin of ``tests/gpu/test_precision.py::test_accumulation_exact_under_amp[tokens-16-mixed]``: micro-batches
+    of 1 to 9 items, windows of 3 and the epoch's last of 1 (divisor 1). A scale lowered by the first window's
+    ``items / divisor`` (3 / 3: none) overflowed fp16 in the last two windows; lowered by ``items`` every step runs."""
+    module = SumLossModule(reduction="sum")
+    scales = _Scales()
+    callback = AccumulationScheduler({0: 3}, normalize="tokens")
+    cpu_trainer(max_epochs=1, plugins=[_fp16_cpu()], callbacks=[callback, scales]).fit(module, datamodule=_dm())
+    steps = _windows(module.snapshots)
+    items = [int((b["labels"] != -100).sum()) for b in module.micro_batches]
+    assert [end - start for start, end, _, _ in steps] == [3, 3, 1] and max(items) > 2 * items[0]
+    assert scales.scales == [_scale_for(items[0])] * 3  # no overflow: GradScaler never halved it
+    for _, _, before, after in steps:  # no step skipped
+        assert not all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -645,13 +667,6 @@ class _RankScales(pl.Callback):
         torch.save(self.scales, Path(self.record_dir) / f"scales{trainer.global_rank}.pt")
 
 
-def _scale_for(items: int, divisor: int, init: float = 2.0**16) -> float:
-    scale = init
-    while scale * items / divisor > init:
-        scale /= 2
-    return scale
-
-
 @pytest.mark.ddp
 def test_two_ranks_fp16_start_at_the_same_loss_scale(tmp_path):
     """Each rank's first micro-batch holds a different item count; the lowered initial scale is the same on both
@@ -668,6 +683,6 @@ def test_two_ranks_fp16_start_at_the_same_loss_scale(tmp_path):
     _synced_windows(tmp_path)  # identical weights on both ranks after every step
     ranks = [torch.load(Path(tmp_path) / f"rank{r}.pt") for r in range(2)]
     items = [int((r["micro"][0]["labels"] != -100).sum()) for r in ranks]
-    assert _scale_for(items[0], 2) != _scale_for(items[1], 2)  # each rank's own count would give another scale
+    assert _scale_for(items[0]) != _scale_for(items[1])  # each rank's own count would give another scale
     scales = [torch.load(Path(tmp_path) / f"scales{r}.pt") for r in range(2)]
-    assert scales[0] == scales[1] and scales[0][0] == _scale_for(max(items), 2)
+    assert scales[0] == scales[1] and scales[0][0] == _scale_for(max(items))

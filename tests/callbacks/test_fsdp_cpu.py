@@ -1,10 +1,11 @@
 """The callbacks and the DataModule under sharded training on the CPU: FSDP2 (``fully_shard``) on two gloo processes.
 
-Lightning's ``FSDPStrategy`` (FSDP1) refuses the CPU, and torch's FSDP1 needs an accelerator; ``ModelParallelStrategy``
+Lightning's ``FSDPStrategy`` (FSDP1) refuses the CPU (and passes torch's FSDP1 no CPU device); ``ModelParallelStrategy``
 with torch's ``fully_shard`` runs on a gloo device mesh. One pair of processes (``_worker``) runs every scenario with
 a real ``Trainer(strategy=ModelParallelStrategy(data_parallel_size=2))`` and saves what it saw; the tests compare that
 with unsharded references computed here. FSDP1's own paths are in ``tests/gpu/test_fsdp.py``; the setup-time
-refusals, which need no process group, are tested here on both strategies with stub trainers.
+refusals, which need no process group, are tested here on both strategies with stub trainers, and one behaviour of
+torch's FSDP1 itself on one process (torch runs it on the CPU when given ``device_id=torch.device("cpu")``).
 """
 
 from __future__ import annotations
@@ -162,6 +163,92 @@ def test_reduce_every_micro_batch_is_for_fsdp_only():
     stub = _stub_trainer(FSDPStrategy())
     AccumulationScheduler({0: 2}, reduce_every_micro_batch=True).setup(stub, module, "fit")
     assert stub.accumulate_grad_batches == 2
+
+
+def test_reduce_every_micro_batch_keeps_lightning_from_skipping_fsdp1_reductions():
+    """Lightning's loop enters ``strategy.model.no_sync()`` on the micro-batches that do not step when the model
+    passes its ``DistributedDataParallel`` check, a Protocol whose only member is ``no_sync``: FSDP1's wrapper passes
+    it (on one GPU: no reduction inside windows without the callback). ``reduce_every_micro_batch=True`` makes the
+    strategy's ``block_backward_sync`` a no-op for the fit, and teardown restores it."""
+    from contextlib import contextmanager
+
+    from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
+    from lightning.pytorch.utilities.types import DistributedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    assert issubclass(FullyShardedDataParallel, DistributedDataParallel)  # Lightning takes FSDP1 for DDP
+
+    class Wrapped(torch.nn.Module):  # stands for FSDP1's root unit (FSDP1 itself needs an accelerator)
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = 0
+
+        @contextmanager
+        def no_sync(self) -> Any:
+            self.entered += 1
+            yield
+
+    def micro_batch_without_step(strategy: Any) -> None:
+        with _block_parallel_sync_behavior(strategy, block=True):  # what Lightning's loop runs around it
+            pass
+
+    module = ModelModule(tiny_bert())
+    for reduce_every in (False, True):
+        strategy, wrapped = FSDPStrategy(), Wrapped()
+        strategy.model = wrapped
+        stub = _stub_trainer(strategy)
+        callback = AccumulationScheduler({0: 2}, reduce_every_micro_batch=reduce_every)
+        callback.setup(stub, module, "fit")
+        callback.on_fit_start(stub, module)
+        micro_batch_without_step(strategy)
+        assert wrapped.entered == (0 if reduce_every else 1)
+        callback.teardown(stub, module, "fit")
+        assert "block_backward_sync" not in vars(strategy)
+        micro_batch_without_step(strategy)  # Lightning's behaviour again
+        assert wrapped.entered == (1 if reduce_every else 2)
+
+
+def test_fsdp1_stops_listing_frozen_embedding_units_and_parameter_at_reads_them():
+    """torch's FSDP1 on one gloo process (the CPU as ``device_id``), embeddings frozen in units of
+    their own (``auto_wrap_policy`` with ``nn.Embedding``): FreezeEmbeddings' forward hook makes their outputs require
+    grad, so FSDP1's pre-backward unshard sets their parameters as plain tensors, and no post-backward hook (the units
+    get no gradient) sets them back: ``named_parameters()`` stops listing them after the first backward (the GPU
+    memory test looked them up by name). ``parameter_at`` reads them through the wrappers, unchanged."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lightning_txopt.callbacks import freeze_embeddings
+    from lightning_txopt.utils.sharding import clean_name
+    from tests.fsdp_helpers import full_parameters, parameter_at
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process already")
+    model = tiny_bert()
+    freeze_embeddings(model)
+    frozen = [n.removeprefix("model.") for n in FROZEN]
+    tables = {n: p.detach().clone() for n, p in model.named_parameters() if n in frozen}
+    assert len(tables) == 3
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        try:
+            root = FullyShardedDataParallel(
+                model,
+                auto_wrap_policy=ModuleWrapPolicy({nn.Embedding, BertLayer}),
+                use_orig_params=True,
+                device_id=torch.device("cpu"),
+            )
+        except (RuntimeError, ValueError) as err:  # a torch whose FSDP1 refuses the CPU
+            pytest.skip(f"torch's FSDP1 refuses the CPU here: {err}")
+        assert set(frozen) <= {clean_name(n) for n, _ in model.named_parameters()}
+        root(input_ids=torch.randint(1, 60, (2, 5))).logits.sum().backward()
+        assert not set(frozen) & {clean_name(n) for n, _ in model.named_parameters()}
+        assert all(parameter_at(model, n).grad is None for n in frozen)
+        for name, value in full_parameters(model, frozen).items():
+            torch.testing.assert_close(value, tables[name], rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- two gloo processes, FSDP2

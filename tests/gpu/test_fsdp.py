@@ -38,7 +38,6 @@ from lightning_txopt.callbacks import (
 )
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule
-from lightning_txopt.utils.sharding import clean_name
 from tests.fsdp_helpers import (
     FSDP2Transformer,
     ShardedSumModule,
@@ -46,6 +45,7 @@ from tests.fsdp_helpers import (
     counting_reductions,
     fsdp2_available,
     full_parameters,
+    parameter_at,
     reference_window_gradient,
     windows,
 )
@@ -169,12 +169,18 @@ def test_fsdp1_accumulated_update_is_the_exact_window_gradient_without_reduction
     intermediate = [count for _, count, stepped in module.comms if not stepped]
     assert len(stepping) == 3 and all(c > 0 for c in stepping), module.comms  # FSDP1 reduces each flat gradient
     assert len(intermediate) >= 4 and intermediate == [0] * len(intermediate), module.comms
-    # the control: reducing every micro-batch is what Lightning alone does under FSDP
+    # the control: reduce_every_micro_batch=True reduces every micro-batch (Lightning's own no_sync() kept off)
     every = ShardedSumModule("sum", record=False)
     callback = AccumulationScheduler({0: 3}, normalize="tokens", reduce_every_micro_batch=True)
     with counting_reductions(every):
         gpu_trainer(fsdp(), max_steps=1, callbacks=[callback]).fit(every, datamodule=_dm())
     assert len(every.comms) == 3 and all(count > 0 for _, count, _ in every.comms), every.comms
+    # Lightning alone skips FSDP1's reduction inside windows too: its loop enters strategy.model.no_sync() where
+    # the model passes its DistributedDataParallel check, a Protocol that FullyShardedDataParallel passes
+    alone = ShardedSumModule("sum", record=False)
+    with counting_reductions(alone):
+        gpu_trainer(fsdp(), max_steps=1, accumulate_grad_batches=3).fit(alone, datamodule=_dm())
+    assert [(count > 0, stepped) for _, count, stepped in alone.comms] == [(False, False)] * 2 + [(True, True)]
 
 
 # --------------------------------------------------------------------------- FSDP1: parameter sharing
@@ -208,7 +214,7 @@ class _Memory(Callback):
     def on_train_start(self, trainer, pl_module):
         torch.cuda.synchronize()
         self.start = torch.cuda.memory_allocated()
-        self.before = {n: p for n, p in full_parameters(pl_module).items() if n in FROZEN}
+        self.before = full_parameters(pl_module, FROZEN)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == 1:
@@ -216,7 +222,7 @@ class _Memory(Callback):
             self.growth = torch.cuda.memory_allocated() - self.start
 
     def on_train_end(self, trainer, pl_module):
-        self.after = {n: p for n, p in full_parameters(pl_module).items() if n in FROZEN}
+        self.after = full_parameters(pl_module, FROZEN)
 
 
 def _memory_run(strategy: Any, frozen: bool) -> tuple[_Memory, FreezeEmbeddings | None, Any]:
@@ -230,16 +236,21 @@ def _memory_run(strategy: Any, frozen: bool) -> tuple[_Memory, FreezeEmbeddings 
     trainer = gpu_trainer(strategy, max_steps=3, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
     optimizer = trainer.optimizers[0]
-    params = {clean_name(n): p for n, p in module.named_parameters()}
-    frozen_params = [params[n] for n in FROZEN]
+    # by attribute, not named_parameters(): FSDP1 no longer lists the parameters of a unit that is all frozen
+    frozen_params = [parameter_at(module, n) for n in FROZEN]
     if frozen:
         assert all(p.grad is None for p in frozen_params)  # no gradient
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         assert not any(id(p) in in_optimizer or optimizer.state.get(p) for p in frozen_params)  # no state
+        assert all(id(p) in in_optimizer for p in optimizer.state)
         for name in FROZEN:  # no change
             torch.testing.assert_close(memory.after[name], memory.before[name], rtol=0, atol=0)
     assert optimizer.defaults.get("fused") is True  # TransformerModule's fused AdamW, on DTensors too
     return memory, freeze, trainer
+
+
+def _optimized_numel(trainer: Any) -> int:
+    return sum(p.numel() for g in trainer.optimizers[0].param_groups for p in g["params"])  # one process: all local
 
 
 def _record(name: str, figures: dict[str, Any]) -> None:
@@ -263,11 +274,13 @@ _MEMORY_CASES = {
 def test_frozen_embeddings_save_the_memory_they_report(case):
     if case == "fsdp2" and not fsdp2_available():
         pytest.skip("needs ModelParallelStrategy and torch's fully_shard")
-    trained, _, _ = _memory_run(_MEMORY_CASES[case](), frozen=False)
-    frozen_memory, freeze, _ = _memory_run(_MEMORY_CASES[case](), frozen=True)
+    trained, _, trained_trainer = _memory_run(_MEMORY_CASES[case](), frozen=False)
+    frozen_memory, freeze, frozen_trainer = _memory_run(_MEMORY_CASES[case](), frozen=True)
     assert freeze is not None and freeze.memory is not None
     report = freeze.memory
     numel = 32768 * 64 + 64 * 64 + 2 * 64  # token, position and type tables (fp32, one process: all local)
+    # the optimizer holds everything but the tables (FSDP1 may expose them as tensors the optimizer would not hold)
+    assert _optimized_numel(trained_trainer) - _optimized_numel(frozen_trainer) == numel
     assert report.local_parameters == numel and report.optimizer_bytes == 8 * numel
     expected_gradient = 0 if case == "fsdp1_blocks" else 4 * numel  # PyTorch #104967
     assert report.gradient_bytes == expected_gradient
