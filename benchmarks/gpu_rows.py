@@ -256,6 +256,8 @@ def issue15_rows(settings: Settings) -> list[Row]:
     auto = "auto_attention"
     for tokens in ISSUE15_BUDGETS:
         b = settings.budget(tokens)
+        varlen = dict(strategy="packed", max_length=512, max_tokens=b, static_shapes=False, attn_implementation="auto")
+        static = dict(varlen, static_shapes=True, module_compile=True)
         for data in ("corpus", "lognormal"):
             key = f"{data}.{tokens // 1024}k"
             rows += [
@@ -269,9 +271,7 @@ def issue15_rows(settings: Settings) -> list[Row]:
                 Row(
                     f"packed_varlen.{key}",
                     f'{data} lengths: packed rows of 512, max_tokens={b}, attn "auto" (varlen), eager',
-                    options=dict(
-                        strategy="packed", max_length=512, max_tokens=b, static_shapes=False, attn_implementation="auto"
-                    ),
+                    options=varlen,
                     requires=(auto, "static_shapes"),
                     data=data,
                     **common,
@@ -280,14 +280,7 @@ def issue15_rows(settings: Settings) -> list[Row]:
                     f"packed_static_compile.{key}",
                     f'{data} lengths: packed rows of 512, max_tokens={b}, static shapes, attn "auto" (varlen), '
                     "compile=True",
-                    options=dict(
-                        strategy="packed",
-                        max_length=512,
-                        max_tokens=b,
-                        static_shapes=True,
-                        attn_implementation="auto",
-                        module_compile=True,
-                    ),
+                    options=static,
                     requires=(auto, "static_shapes", "module_compile"),
                     warmup=cw,
                     data=data,
@@ -314,14 +307,7 @@ def issue15_rows(settings: Settings) -> list[Row]:
             Row(
                 f"llama_packed_varlen.corpus.{tokens // 1024}k",
                 f'Llama causal LM, corpus lengths: packed rows of 512, max_tokens={b}, attn "auto" (varlen), eager',
-                options=dict(
-                    strategy="packed",
-                    max_length=512,
-                    max_tokens=b,
-                    static_shapes=False,
-                    attn_implementation="auto",
-                    causal=True,
-                ),
+                options=dict(varlen, causal=True),
                 requires=(auto, "static_shapes"),
                 **decoder,
             ),
@@ -329,15 +315,7 @@ def issue15_rows(settings: Settings) -> list[Row]:
                 f"llama_packed_static_compile.corpus.{tokens // 1024}k",
                 f'Llama causal LM, corpus lengths: packed rows of 512, max_tokens={b}, static shapes, attn "auto" '
                 "(varlen), compile=True",
-                options=dict(
-                    strategy="packed",
-                    max_length=512,
-                    max_tokens=b,
-                    static_shapes=True,
-                    attn_implementation="auto",
-                    causal=True,
-                    module_compile=True,
-                ),
+                options=dict(static, causal=True),
                 requires=(auto, "static_shapes", "module_compile"),
                 warmup=cw,
                 **decoder,
