@@ -167,6 +167,34 @@ def test_datamodule_packed_rows_default_width_and_static_shapes():
     assert val["input_ids"].shape == (2, 64) and (val["index"][val["index"] >= 0]).numel() > 0
 
 
+def test_static_slots_follow_the_dealt_plan_on_a_long_tailed_corpus():
+    """The embedded corpus (many 3-10 token texts): every batch of two epochs fits the static shape, whose sample
+    slots are sized by the dealt plan (mean plus the fullest row), far below a batch of only the shortest texts."""
+    from pathlib import Path
+
+    lengths = np.load(Path(__file__).parent / "fortune_lengths.npy")
+    rng = np.random.default_rng(0)
+    samples = [{"input_ids": rng.integers(5, 100, int(n)).tolist(), "labels": 0} for n in lengths]
+    dm = BucketDataModule(
+        samples, pad_token_id=0, strategy="packed", max_tokens=16384, max_length=512, static_shapes=True
+    )
+    dm.setup("fit")
+    worst = int(np.searchsorted(np.cumsum(np.sort(lengths)), 16384, side="right"))
+    collator = dm.collator
+    assert isinstance(collator, PackingCollator) and collator.num_slots is not None
+    assert collator.num_slots % 8 == 0 and collator.num_slots * 3 < worst
+    shapes, seen = set(), 0
+    for epoch in range(2):
+        loader = dm.train_dataloader()
+        sampler = loader.batch_sampler
+        assert isinstance(sampler, BucketBatchSampler)
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            shapes.add(tuple((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor)))
+            seen += int((batch["labels"] != -100).sum())
+    assert len(shapes) == 1 and seen == 2 * lengths.size
+
+
 def test_packed_settings_that_would_do_nothing_are_errors():
     with pytest.raises(ValueError, match="strategy='packed'"):
         BucketDataModule([], pad_token_id=0, strategy="packed", batch_size=4)
