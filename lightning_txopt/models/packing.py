@@ -3,9 +3,11 @@
 A packed batch (:mod:`lightning_txopt.data.packing`) describes its samples' boundaries and carries no mask. What a
 Hugging Face model needs from that description depends on its attention implementation:
 
-* ``"txopt_varlen"`` (:func:`~lightning_txopt.models.attention.use_varlen_attention`) and FlashAttention
-  (``"flash_attention_2"``/``"_3"``): the rows read as one row of ``rows * width`` tokens, with the boundaries as
-  ``cu_seq_lens_q``/``cu_seq_lens_k``/``max_length_q``/``max_length_k``; no mask;
+* ``"txopt_varlen"`` (:func:`~lightning_txopt.models.attention.use_varlen_attention`): the rows as they are, with
+  the boundaries (over the row-major tokens) as ``cu_seq_lens_q``/``cu_seq_lens_k``/``max_length_q``/
+  ``max_length_k``; no mask (the kernel flattens the rows; the exact fallback masks each row's block);
+* FlashAttention (``"flash_attention_2"``/``"_3"``/``"_4"``): the same, the rows read as one row of
+  ``rows * width`` tokens;
 * ``"sdpa"`` and ``"eager"``: the rows as they are, with an exact block-diagonal mask built from the same boundaries
   (boolean for SDPA, additive for eager, causal for decoders). Models with sliding-window or local attention need
   one mask per layer type there, so they are refused on these two (use the varlen backend).
@@ -161,10 +163,14 @@ def packed_model_inputs(model: nn.Module, batch: Mapping[str, Any], *, offset: i
     positions = batch["position_ids"] + offset if offset else batch["position_ids"]
     extra = {k: batch[k] for k in ("token_type_ids",) if k in batch}
     if impl in _VARLEN_STYLE:
-        flat = {k: v.reshape(1, -1) for k, v in extra.items()}
+        # the boundaries index the row-major tokens, so the rows can stay rows: the kernel flattens them itself, and
+        # the exact fallback (CPU, fp32) then masks (rows, W, W) blocks, not one (rows * W)^2 square. Transformers'
+        # own flash_attention_* implementations read packed boundaries from a single sequence: flattened for them.
+        shape = ids.shape if impl == VARLEN_ATTENTION else (1, -1)
+        flat = {k: v.reshape(shape) for k, v in extra.items()}
         return {
-            "input_ids": ids.reshape(1, -1),
-            "position_ids": positions.reshape(1, -1),
+            "input_ids": ids.reshape(shape),
+            "position_ids": positions.reshape(shape),
             "cu_seq_lens_q": batch["cu_seq_lens_q"],
             "cu_seq_lens_k": batch["cu_seq_lens_k"],
             "max_length_q": int(batch["max_length_q"]),

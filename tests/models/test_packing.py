@@ -167,3 +167,31 @@ def test_half_precision_parameters_are_compared_at_their_precision():
     check_packing_support(model, task="causal-lm")  # bf16 arithmetic: within 3e-2, not the fp32 1e-4
     with pytest.raises(ValueError, match="mixes packed samples"):
         check_packing_support(_IgnoresPositions().bfloat16())
+
+
+def test_the_exact_varlen_fallback_masks_each_row_not_the_whole_batch(monkeypatch):
+    # CPU/fp32 runs the exact fallback: one (rows*W)^2 mask over a 16k-token batch would cost 16k^2 per head and
+    # layer (the dense layout the fast path replaced); the rows stay rows, each masked by its own W x W block
+    from lightning_txopt.models import attention
+
+    shapes = []
+    mask = attention.segment_mask
+
+    def spy(*args, **kwargs):
+        out = mask(*args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    register_varlen_attention()
+    model = FAMILIES["llama"].build("causal-lm", attn="txopt_varlen")
+    batch = PackingCollator(16)([{"input_ids": list(range(5, 5 + n))} for n in (9, 7, 12, 4, 10)])
+    rows = batch["input_ids"].shape[0]
+    monkeypatch.setattr(attention, "segment_mask", spy)
+    inputs = packed_model_inputs(model, batch)
+    assert inputs["input_ids"].shape == (rows, 16) and rows > 1
+    logits = model(**inputs).logits
+    assert set(shapes) == {(rows, 1, 16, 16)}
+    for i, n in enumerate((9, 7, 12, 4, 10)):  # and each sample's logits are its logits alone
+        r, c = batch["cls_index"][i].tolist()
+        alone = model(input_ids=torch.tensor([list(range(5, 5 + n))])).logits[0]
+        torch.testing.assert_close(logits[r, c : c + n], alone, rtol=1e-5, atol=1e-5)
