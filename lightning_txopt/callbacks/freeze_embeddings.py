@@ -410,6 +410,34 @@ def unfreeze_embeddings(model: nn.Module, frozen: FrozenEmbeddings | Sequence[st
     return out
 
 
+def _extend_scheduler(scheduler: Any, group: dict[str, Any], *, like: int) -> None:
+    """Make ``scheduler`` schedule a param group just added to its optimizer, as it schedules group ``like``.
+
+    torch has no public way to add a group to a running scheduler: this is the one place that extends its state
+    (``base_lrs``; ``lr_lambdas`` of ``LambdaLR``/``MultiplicativeLR``; the private ``_last_lr`` behind the public
+    ``get_last_lr()``). ``tests/callbacks/test_freeze_embeddings.py`` checks those attributes exist on torch's
+    schedulers and that ``get_last_lr()`` then has one entry per group, so a change in torch fails there.
+    Schedulers without ``base_lrs`` are left alone.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+        >>> opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1, "initial_lr": 0.2})
+        >>> _extend_scheduler(sched, opt.param_groups[1], like=0)
+        >>> sched.step(); [round(lr, 3) for lr in sched.get_last_lr()]
+        [0.5, 0.1]
+    """
+    if not hasattr(scheduler, "base_lrs"):
+        return
+    scheduler.base_lrs.append(group.get("initial_lr", group["lr"]))
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if isinstance(lambdas, list) and lambdas:
+        lambdas.append(lambdas[like])
+    last = getattr(scheduler, "_last_lr", None)
+    if isinstance(last, list):
+        last.append(group["lr"])
+
+
 class FreezeEmbeddings(Callback):
     """Freeze the input embeddings before the optimizer is built; optionally unfreeze them at an epoch.
 
@@ -618,16 +646,8 @@ class FreezeEmbeddings(Callback):
             group["params"] = params
             optimizer.add_param_group(group)
             for config in trainer.lr_scheduler_configs:
-                scheduler = config.scheduler
-                if getattr(scheduler, "optimizer", None) is not optimizer or not hasattr(scheduler, "base_lrs"):
-                    continue
-                scheduler.base_lrs.append(group.get("initial_lr", group["lr"]))
-                lambdas = getattr(scheduler, "lr_lambdas", None)
-                if isinstance(lambdas, list) and lambdas:
-                    lambdas.append(lambdas[group_idx])
-                last = getattr(scheduler, "_last_lr", None)
-                if isinstance(last, list):
-                    last.append(group["lr"])
+                if getattr(config.scheduler, "optimizer", None) is optimizer:
+                    _extend_scheduler(config.scheduler, group, like=group_idx)
         self._sync_params = params if trainer.world_size > 1 else []
 
     @override

@@ -495,3 +495,24 @@ def test_average_gradients_counts_a_missing_gradient_as_zero_and_keeps_globally_
     torch.testing.assert_close(a.grad, torch.tensor([4.0, 6.0]))
     torch.testing.assert_close(b.grad, torch.tensor([0.5, 1.5]))
     assert c.grad is None
+
+
+def test_unfrozen_group_joins_torch_schedulers_through_the_one_internal_access():
+    # _extend_scheduler is the one place that extends torch scheduler state (no public API adds a group); it relies
+    # on these attributes: fail here, loudly, if torch renames them
+    from lightning_txopt.callbacks.freeze_embeddings import _extend_scheduler
+
+    for make in (
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5**step),
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+    ):
+        first = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([first], lr=1.0)
+        scheduler = make(opt)
+        assert isinstance(scheduler.base_lrs, list) and isinstance(vars(scheduler).get("_last_lr"), list)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.25, "initial_lr": 0.25})
+        _extend_scheduler(scheduler, opt.param_groups[1], like=0)
+        assert len(scheduler.get_last_lr()) == 2
+        opt.step()
+        scheduler.step()
+        assert scheduler.get_last_lr() == pytest.approx([0.5, 0.125])  # the new group follows the same schedule
