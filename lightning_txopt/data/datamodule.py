@@ -257,6 +257,7 @@ class BucketDataModule(pl.LightningDataModule):
                 input_key=length_key,
             )
         self._lengths: dict[str, np.ndarray] = {}
+        self._slots: dict[tuple[str, int], int] = {}  # static shapes: (split, budget) -> sample slots
         self._train_sampler: BucketBatchSampler | None = None
 
     # ------------------------------------------------------------------ budgets
@@ -366,6 +367,7 @@ class BucketDataModule(pl.LightningDataModule):
         for split, dataset in built.items():
             if dataset is not None and (split not in self.datasets or self.datasets[split] is not dataset):
                 self._lengths.pop(split, None)
+                self._slots = {key: n for key, n in self._slots.items() if key[0] != split}
             self.datasets[split] = dataset
 
     def lengths(self, split: str = "train") -> np.ndarray:
@@ -398,6 +400,8 @@ class BucketDataModule(pl.LightningDataModule):
         per batch plus the fullest row's (what :func:`~lightning_txopt.data.planning.group_rows` deals, at most), not
         the worst case of a batch of only the shortest samples; a multiple of 8, never over that worst case.
         """
+        if (split, budget) in self._slots:  # the sampler and the collator both ask
+            return self._slots[split, budget]
         lengths = self.planned_lengths(split)
         shortest = np.cumsum(np.sort(lengths))
         pack = self.pack_length
@@ -406,7 +410,8 @@ class BucketDataModule(pl.LightningDataModule):
         rows = budget // pack
         fewest_batches = max(-(-int(shortest[-1]) // (rows * pack)), 1)
         slots = min(-(-lengths.size // fewest_batches) + fullest_row, worst)
-        return max(int(round_up(slots, 8)), 8)
+        self._slots[split, budget] = max(int(round_up(slots, 8)), 8)
+        return self._slots[split, budget]
 
     def collator_for(self, split: str, max_tokens: int | None = None) -> PaddingCollator | PackingCollator:
         """The collator of a split (``max_tokens`` overrides the split's budget, for static packed shapes)."""
