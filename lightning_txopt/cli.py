@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,34 +56,27 @@ class _Parser(argparse.ArgumentParser):
         raise _CommandLineError(self.prog, f"{message} (see `{self.prog} --help`)")
 
 
-def _positive_int(text: str) -> int:
+def _number(text: str, kind: type[int] | type[float], ok: Callable[[float], bool], want: str) -> Any:
+    """``text`` as ``kind`` if ``ok`` says so, else argparse's error naming what it must be."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return int(_number(text, int, lambda v: v >= 1, "a positive integer"))
 
 
 def _steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1 and value != -1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (or -1: no limit), got {text!r}")
-    return value
+    return int(_number(text, int, lambda v: v >= 1 or v == -1, "a positive integer (or -1: no limit)"))
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+    return float(_number(text, float, lambda v: v > 0, "a positive number"))
 
 
 def _unrecognized(extra: Sequence[str], parser: argparse.ArgumentParser) -> _CommandLineError:
