@@ -24,6 +24,13 @@ from tests.helpers import tensor_sum, tiny_bert
 REDUCE_COLLECTIVES = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single")
 
 
+FROZEN = (  # the tiny BERT's embedding tables, as FreezeEmbeddings freezes them, named inside a LightningModule
+    "model.bert.embeddings.word_embeddings.weight",
+    "model.bert.embeddings.position_embeddings.weight",
+    "model.bert.embeddings.token_type_embeddings.weight",
+)
+
+
 def fsdp2_available() -> bool:
     """torch's ``fully_shard`` and Lightning's ``ModelParallelStrategy`` are both there."""
     try:

@@ -31,6 +31,17 @@ BERT_DICT: dict[str, Any] = {
     "hidden_dropout_prob": 0.0,
     "attention_probs_dropout_prob": 0.0,
 }
+GPT2_DICT: dict[str, Any] = {  # a 2-layer GPT-2 causal LM config, no dropout
+    "model_type": "gpt2",
+    "vocab_size": VOCAB,
+    "n_embd": 16,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_positions": 64,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+}
 
 
 def make_samples(n: int, *, seed: int = 0, min_len: int = 3, max_len: int = 40, num_labels: int = 3) -> list[dict]:

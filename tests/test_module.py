@@ -11,20 +11,9 @@ import torch.nn.functional as F
 from lightning_txopt.callbacks import AccumulationScheduler
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule, linear_warmup_decay
-from tests.helpers import BERT_DICT, VOCAB, cpu_trainer, make_samples, one_loader
+from tests.helpers import BERT_DICT, GPT2_DICT, cpu_trainer, make_samples, one_loader
 
 BERT = BERT_DICT
-GPT2 = {
-    "model_type": "gpt2",
-    "vocab_size": VOCAB,
-    "n_embd": 16,
-    "n_layer": 2,
-    "n_head": 2,
-    "n_positions": 64,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
 
 
 def _lm_samples(n: int) -> list[dict]:
@@ -63,7 +52,7 @@ def test_classification_validation_accuracy_matches_a_manual_count():
 
 def test_causal_lm_perplexity_and_summed_loss_contract():
     dm = BucketDataModule(_lm_samples(24), _lm_samples(8), pad_token_id=0, max_tokens=128)
-    module = TransformerModule(config=GPT2, task="causal-lm", learning_rate=1e-3)
+    module = TransformerModule(config=GPT2_DICT, task="causal-lm", learning_rate=1e-3)
     reductions: list[str] = []
 
     class Record(pl.Callback):
@@ -120,7 +109,7 @@ def test_head_lr_factor_gives_the_head_its_own_groups_on_the_same_schedule():
 
 
 def test_head_of_a_tied_causal_lm_is_empty_and_factor_is_checked():
-    module = TransformerModule(config=GPT2, task="causal-lm", head_lr_factor=5.0)
+    module = TransformerModule(config=GPT2_DICT, task="causal-lm", head_lr_factor=5.0)
     assert module.head_parameter_names() == set()  # lm_head is the input embedding matrix
     assert len(module.optimizer_groups()) == 2
     with pytest.raises(ValueError, match="head_lr_factor"):

@@ -26,19 +26,7 @@ from lightning_txopt.callbacks.accumulation import (
     window_end,
 )
 from lightning_txopt.data import BucketDataModule
-from tests.helpers import BERT_DICT, ModelModule, cpu_trainer, make_samples, prefixed, tensor_sum, tiny_bert
-
-GPT2_DICT: dict[str, Any] = {
-    "model_type": "gpt2",
-    "vocab_size": 64,
-    "n_embd": 16,
-    "n_layer": 2,
-    "n_head": 2,
-    "n_positions": 64,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
+from tests.helpers import BERT_DICT, GPT2_DICT, ModelModule, cpu_trainer, make_samples, prefixed, tensor_sum, tiny_bert
 
 
 class SumLossModule(pl.LightningModule):

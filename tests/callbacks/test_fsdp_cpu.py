@@ -32,26 +32,14 @@ from lightning_txopt.callbacks import (
     share_layers,
 )
 from lightning_txopt.callbacks.parameter_sharing import check_sharing_wrap_policy
-from tests.fsdp_helpers import assert_update_is_gradient, fsdp2_available, reference_window_gradient, windows
-from tests.helpers import ModelModule, make_samples, tiny_bert
-
-FROZEN = (
-    "model.bert.embeddings.word_embeddings.weight",
-    "model.bert.embeddings.position_embeddings.weight",
-    "model.bert.embeddings.token_type_embeddings.weight",
+from tests.fsdp_helpers import (
+    FROZEN,
+    assert_update_is_gradient,
+    fsdp2_available,
+    reference_window_gradient,
+    windows,
 )
-GPT2 = {
-    "model_type": "gpt2",
-    "vocab_size": 64,
-    "n_embd": 16,
-    "n_layer": 2,
-    "n_head": 2,
-    "n_positions": 64,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
-
+from tests.helpers import GPT2_DICT, ModelModule, make_samples, tiny_bert
 
 # --------------------------------------------------------------------------- setup-time refusals (no process group)
 
@@ -384,7 +372,7 @@ def _resume(world: int, tmp: Path) -> dict[str, Any]:
 
     def module() -> FSDP2Transformer:
         torch.manual_seed(0)
-        return FSDP2Transformer(config=GPT2, task="causal-lm", learning_rate=1e-2, warmup=0.0)
+        return FSDP2Transformer(config=GPT2_DICT, task="causal-lm", learning_rate=1e-2, warmup=0.0)
 
     def trainer(distributed: bool, **kwargs: Any) -> Any:
         strategy = ModelParallelStrategy(

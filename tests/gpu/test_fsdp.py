@@ -39,6 +39,7 @@ from lightning_txopt.callbacks import (
 from lightning_txopt.data import BucketDataModule
 from lightning_txopt.module import TransformerModule
 from tests.fsdp_helpers import (
+    FROZEN,
     FSDP2Transformer,
     ShardedSumModule,
     assert_update_is_gradient,
@@ -49,27 +50,11 @@ from tests.fsdp_helpers import (
     reference_window_gradient,
     windows,
 )
-from tests.helpers import BERT_DICT, cpu_trainer, make_samples
+from tests.helpers import BERT_DICT, GPT2_DICT, cpu_trainer, make_samples
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 needs_fsdp2 = pytest.mark.skipif(not fsdp2_available(), reason="needs ModelParallelStrategy and torch's fully_shard")
 
-FROZEN = (
-    "model.bert.embeddings.word_embeddings.weight",
-    "model.bert.embeddings.position_embeddings.weight",
-    "model.bert.embeddings.token_type_embeddings.weight",
-)
-GPT2 = {
-    "model_type": "gpt2",
-    "vocab_size": 64,
-    "n_embd": 16,
-    "n_layer": 2,
-    "n_head": 2,
-    "n_positions": 64,
-    "resid_pdrop": 0.0,
-    "embd_pdrop": 0.0,
-    "attn_pdrop": 0.0,
-}
 REL = 1e-4  # fp32 on the GPU against fp32 on the CPU
 
 
@@ -338,7 +323,7 @@ def _classifier() -> TransformerModule:
 
 def _causal_lm() -> TransformerModule:
     torch.manual_seed(0)
-    return TransformerModule(config=GPT2, task="causal-lm", learning_rate=1e-3, warmup=0.0)
+    return TransformerModule(config=GPT2_DICT, task="causal-lm", learning_rate=1e-3, warmup=0.0)
 
 
 @pytest.mark.parametrize(
@@ -389,8 +374,8 @@ def test_transformer_module_fused_adamw_chunked_loss_and_throughput(strategy):
     if strategy == "fsdp2" and not fsdp2_available():
         pytest.skip("needs ModelParallelStrategy and torch's fully_shard")
     torch.manual_seed(0)
-    module = (TransformerModule if strategy == "fsdp1" else FSDP2Transformer)(config=GPT2, task="causal-lm")
-    reference = TransformerModule(config=GPT2, task="causal-lm", loss_chunk_size=None)
+    module = (TransformerModule if strategy == "fsdp1" else FSDP2Transformer)(config=GPT2_DICT, task="causal-lm")
+    reference = TransformerModule(config=GPT2_DICT, task="causal-lm", loss_chunk_size=None)
     reference.load_state_dict(module.state_dict())
     first, monitor = _FirstLoss(), TokenThroughputMonitor(log_every_n_steps=2)
     data = BucketDataModule(_lm_samples(), pad_token_id=0, max_tokens=256)
@@ -427,7 +412,7 @@ def test_fsdp2_accumulation_and_frozen_embeddings_are_exact():
 def test_fsdp2_datamodule_resumes_exactly_from_a_sharded_checkpoint(tmp_path):
     def causal_lm() -> FSDP2Transformer:
         torch.manual_seed(0)
-        return FSDP2Transformer(config=GPT2, task="causal-lm", learning_rate=1e-3, warmup=0.0)
+        return FSDP2Transformer(config=GPT2_DICT, task="causal-lm", learning_rate=1e-3, warmup=0.0)
 
     _resume(tmp_path, fsdp2, causal_lm, lambda: BucketDataModule(_lm_samples(), pad_token_id=0, max_tokens=128))
     assert (tmp_path / "step=3.ckpt").is_dir()
