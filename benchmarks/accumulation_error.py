@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import environment, markdown_table
 
 from lightning_txopt.callbacks import AccumulationScheduler
-from tests.callbacks.test_accumulation import SumLossModule, _dm, _reference_grad, _windows
+from tests.callbacks.test_accumulation import SumLossModule, _dm, _reference_grad
+from tests.fsdp_helpers import windows
 from tests.helpers import cpu_trainer
 
 
 def errors(module: SumLossModule, target: str) -> list[float]:
     out = []
-    for start, end, before, after in _windows(module.snapshots):
+    for start, end, before, after in windows(module.snapshots):
         ref = _reference_grad(before, module.micro_batches[start:end], target)
         num = sum(float(((before[n] - after[n]) - g).pow(2).sum()) for n, g in ref.items()) ** 0.5
         den = sum(float(g.pow(2).sum()) for g in ref.values()) ** 0.5
@@ -52,7 +53,7 @@ def main() -> None:
             (f"AccumulationScheduler({{0: 3}}, normalize='{target}')", ours),
         ):
             e = errors(module, target)
-            sizes = [end - start for start, end, _, _ in _windows(module.snapshots)]
+            sizes = [end - start for start, end, _, _ in windows(module.snapshots)]
             last = [err for err, size in zip(e, sizes, strict=True) if size < 3]
             worst_last = f"{max(last):.2e}" if last else "n/a"
             rows.append([target, name, len(e), f"{max(e):.2e}", f"{sum(e) / len(e):.2e}", worst_last])

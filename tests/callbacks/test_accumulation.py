@@ -26,6 +26,7 @@ from lightning_txopt.callbacks.accumulation import (
     window_end,
 )
 from lightning_txopt.data import BucketDataModule
+from tests.fsdp_helpers import windows as step_windows
 from tests.helpers import BERT_DICT, GPT2_DICT, ModelModule, cpu_trainer, make_samples, prefixed, tensor_sum, tiny_bert
 
 
@@ -95,24 +96,13 @@ def _dm(**kwargs: Any) -> BucketDataModule:
     return BucketDataModule(_samples(), **defaults)
 
 
-def _windows(snapshots: list[tuple[int, dict]]) -> list[tuple[int, int, dict, dict]]:
-    """(first micro-batch, end micro-batch, params before, params after) of each optimizer step."""
-    out = []
-    start, before = 0, snapshots[0][1]
-    for i in range(1, len(snapshots)):
-        if snapshots[i][0] != snapshots[i - 1][0]:
-            out.append((start, i, before, snapshots[i][1]))
-            start, before = i, snapshots[i][1]
-    return out
-
-
 def _synced_windows(record_dir: Any) -> list[tuple[dict, dict, list[dict], list[dict]]]:
     """The optimizer steps two recorded ranks ran: ``(weights before, after, rank 0's micro-batches, rank 1's)``.
 
     Asserts that both ranks stepped the same number of times (at least twice) and hold identical weights after each.
     """
     ranks = [torch.load(Path(record_dir) / f"rank{r}.pt") for r in range(2)]
-    windows = [_windows(r["snapshots"]) for r in ranks]
+    windows = [step_windows(r["snapshots"]) for r in ranks]
     assert len(windows[0]) == len(windows[1]) >= 2
     out = []
     for (s0, e0, before, after), (s1, e1, _, after1) in zip(windows[0], windows[1], strict=True):
@@ -137,7 +127,7 @@ def _reference_grad(params: dict, micro: list[dict], normalize: str) -> dict[str
 
 def _check_windows(module: SumLossModule, normalize: str, expected_sizes: list[int]) -> None:
     """Each optimizer step covered the expected micro-batches and moved the weights by minus the exact gradient."""
-    windows = _windows(module.snapshots)
+    windows = step_windows(module.snapshots)
     assert [end - start for start, end, _, _ in windows] == expected_sizes
     for start, end, before, after in windows:
         ref = _reference_grad(before, module.micro_batches[start:end], normalize)
@@ -255,7 +245,7 @@ def test_lightning_native_accumulation_is_biased():
     module = SumLossModule(reduction="mean")
     trainer = cpu_trainer(max_epochs=1, accumulate_grad_batches=3)
     trainer.fit(module, datamodule=_dm())
-    windows = _windows(module.snapshots)
+    windows = step_windows(module.snapshots)
     n = int(trainer.num_training_batches)
     assert [end - start for start, end, _, _ in windows] == [3] * (n // 3) + [n % 3]
     for start, end, before, after in windows:
@@ -501,7 +491,7 @@ def test_fp16_initial_loss_scale_is_lowered_by_the_size_of_the_summed_loss():
     trainer.fit(module, datamodule=_dm())
     items = int((module.micro_batches[0]["labels"] != -100).sum())
     assert items > 2 and scales.scales[0] == _scale_for(items) < 2.0**16
-    first = _windows(module.snapshots)[0]
+    first = step_windows(module.snapshots)[0]
     assert not all(torch.equal(first[2][k], first[3][k]) for k in first[2])  # the first step was taken
 
 
@@ -513,7 +503,7 @@ def test_fp16_summed_losses_take_every_step_of_uneven_windows():
     scales = _Scales()
     callback = AccumulationScheduler({0: 3}, normalize="tokens")
     cpu_trainer(max_epochs=1, plugins=[_fp16_cpu()], callbacks=[callback, scales]).fit(module, datamodule=_dm())
-    steps = _windows(module.snapshots)
+    steps = step_windows(module.snapshots)
     items = [int((b["labels"] != -100).sum()) for b in module.micro_batches]
     assert [end - start for start, end, _, _ in steps] == [3, 3, 1] and max(items) > 2 * items[0]
     assert scales.scales == [_scale_for(items[0])] * 3  # no overflow: GradScaler never halved it

@@ -12,7 +12,8 @@ import torch
 
 from lightning_txopt.callbacks import AccumulationScheduler, FreezeEmbeddings, GradientCheckpointing, ParameterSharing
 from lightning_txopt.data import BucketDataModule
-from tests.callbacks.test_accumulation import SumLossModule, _dm, _windows
+from tests.callbacks.test_accumulation import SumLossModule, _dm
+from tests.fsdp_helpers import windows
 from tests.helpers import ModelModule, PlainTransformer, cpu_trainer, make_samples, tensor_sum, tiny_bert
 
 pytestmark = [
@@ -48,7 +49,7 @@ def test_all_callbacks_and_datamodule_train(precision, factory):
 def _relative_errors(module: SumLossModule, normalize: str) -> list[tuple[int, float]]:
     """(window size, relative error) of each step against an fp32 reference of the exact window gradient."""
     out = []
-    for start, end, before, after in _windows(module.snapshots):
+    for start, end, before, after in windows(module.snapshots):
         ref_module = SumLossModule(reduction="sum" if normalize == "tokens" else "mean").cuda()
         ref_module.model.load_state_dict({k: v.cuda() for k, v in before.items()}, strict=False)
         micro = [{k: v.cuda() for k, v in b.items()} for b in module.micro_batches[start:end]]
@@ -86,7 +87,7 @@ def test_accumulation_exact_under_amp(precision, normalize):
 
 def _skipped(module: SumLossModule) -> set[int]:
     """Windows whose step left every parameter unchanged (GradScaler found inf/nan and skipped it)."""
-    return {i for i, w in enumerate(_windows(module.snapshots)) if all(torch.equal(w[2][k], w[3][k]) for k in w[2])}
+    return {i for i, w in enumerate(windows(module.snapshots)) if all(torch.equal(w[2][k], w[3][k]) for k in w[2])}
 
 
 class _InfOnce(SumLossModule):
