@@ -20,7 +20,6 @@ is an error: add its fixture here.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +82,7 @@ def _samples(n: int, seed: int) -> list[dict[str, Any]]:
     return [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in make_samples(n, seed=seed, num_labels=40)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine two threads each were 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +98,9 @@ def model_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture
-def clean_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A temporary working folder; undo what an in-process ``strategy="ddp"`` run leaves (process group, variables)."""
+def clean_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_process_ddp: None) -> None:
+    """A temporary working folder; ``in_process_ddp`` undoes what an in-process ``strategy="ddp"`` run leaves."""
     monkeypatch.chdir(tmp_path)
-    saved = dict(os.environ)
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_blocks_are_found():

@@ -28,19 +28,6 @@ class _Tokenizer:
     pad_token_id = 0
 
 
-@pytest.fixture
-def in_process_ddp():
-    """Undo what an in-process ``strategy="ddp"`` run leaves behind (process group, rendezvous variables)."""
-    import os
-
-    saved = dict(os.environ)
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.slow
 def test_readme_snippet_runs_as_written(tmp_path, in_process_ddp):
     """Only the placeholders are substituted: the data, a tokenizer and a local model folder."""
