@@ -195,3 +195,16 @@ def test_the_exact_varlen_fallback_masks_each_row_not_the_whole_batch(monkeypatc
         r, c = batch["cls_index"][i].tolist()
         alone = model(input_ids=torch.tensor([list(range(5, 5 + n))])).logits[0]
         torch.testing.assert_close(logits[r, c : c + n], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_attention_implementation_is_read_where_transformers_keeps_it():
+    # transformers has no public getter: models/packing.py reads config._attn_implementation in one function; if
+    # transformers renames it, every model would read as "eager" here, so fail loudly instead
+    from transformers import PretrainedConfig
+
+    from lightning_txopt.models.packing import _attn_implementation
+
+    assert isinstance(getattr(PretrainedConfig, "_attn_implementation", None), property)
+    register_varlen_attention()
+    assert _attn_implementation(FAMILIES["llama"].build("causal-lm", attn="txopt_varlen")) == "txopt_varlen"
+    assert _attn_implementation(FAMILIES["bert"].build(attn="sdpa")) == "sdpa"
