@@ -17,9 +17,12 @@ For each model:
    the found ``max_tokens``, the finder's time and its probes;
 2. **by hand**: bisection by full runs, each a fresh process training ``--reference-epochs`` epochs of the corpus at
    a candidate budget (out of memory or not), from the finder's budget up by x1.25 until a run fails, then halving
-   the gap to 1% (what a user would do by hand, automated);
-3. **verify**: a fresh process training ``--verify-epochs`` epochs at the found budget: it must not run out of
-   memory; its peak allocated and reserved memory.
+   the gap to 1% (what a user would do by hand, automated). Each run trains on a device of the finder's limit:
+   its allocator capped at ``--hand-fraction`` (default ``--fraction``) of the memory the process can use
+   (``torch.cuda.set_per_process_memory_fraction``), so that both searches aim at the same memory and the ratio
+   measures the finder, not the margin; ``--hand-fraction 1`` bisects on the whole device;
+3. **verify**: a fresh process training ``--verify-epochs`` epochs at the found budget on the whole device (no
+   cap): it must not run out of memory; its peak allocated and reserved memory.
 
 With ``--checkpointing`` (BERT-base bucketed only): at a budget ``--checkpoint-factor`` times the finder's (too
 large to fit without checkpointing), :func:`~lightning_txopt.callbacks.fit_checkpointing` picks the fewest
@@ -27,6 +30,8 @@ checkpointed blocks that fit (what ``GradientCheckpointing(every_n_layers="auto"
 (real tokens/s) and peak against ``GradientCheckpointing()`` (every block); and the finder's budget with every block
 checkpointed (the finder with checkpointing allowed finds a larger budget).
 
+The finder's memory reader is ``CudaMemory()`` (allocated peak, probes on an allocator capped at the limit);
+``--peak reserved --no-cap`` is the previous default, ``--peak allocated --no-cap`` the plain allocated counter.
 bf16 autocast, fused AdamW (TransformerModule), SDPA / the varlen backend (TransformerModule's default). ``--quick``
 runs tiny models on a corpus subset on the CPU with :class:`~lightning_txopt.memory.SavedTensorsMemory` (activation
 bytes, a simulated out-of-memory error at a pretend capacity) in the finder and in the full runs: it checks the
@@ -115,11 +120,13 @@ def min_tokens(name: str, quick: bool) -> int:
     return QUICK_LENGTH if quick else 512
 
 
-PEAK = "reserved"  # CudaMemory(peak=...): --peak
+PEAK, CAP = "allocated", True  # CudaMemory(peak=..., enforce_limit=...): --peak, --no-cap
 
 
 def memory(quick: bool) -> DeviceMemory | None:
-    return SavedTensorsMemory(QUICK_CAPACITY) if quick else CudaMemory(peak=PEAK)  # type: ignore[arg-type]
+    if quick:
+        return SavedTensorsMemory(QUICK_CAPACITY)
+    return CudaMemory(peak=PEAK, enforce_limit=CAP)  # type: ignore[arg-type]
 
 
 def trainer(quick: bool, **kwargs: Any) -> pl.Trainer:
@@ -140,9 +147,9 @@ class _Peaks(Callback):
     """Peak memory of the training steps: CUDA's counters from train start, or (quick) the estimate per step,
     which raises a simulated out-of-memory error past its capacity like the finder's."""
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, fraction: float = 1.0) -> None:
         self.quick = quick
-        self.estimate = SavedTensorsMemory(QUICK_CAPACITY)
+        self.estimate = SavedTensorsMemory(max(1, int(fraction * QUICK_CAPACITY)))
         self.steps = 0
         self.peak = 0
         self._ctx: Any = None
@@ -163,10 +170,23 @@ class _Peaks(Callback):
             self.peak = max(self.peak, self.estimate.peak(torch.device("cpu")))
 
 
-def full_run(name: str, quick: bool, budget: int, epochs: int) -> dict[str, Any]:
-    """Train ``epochs`` epochs at ``budget`` (this process): out of memory or not, the peaks, the time."""
+def cap_device(fraction: float) -> float:
+    """Cap this process's CUDA allocator at ``fraction`` of the memory it can use (free + reserved); the cap in
+    bytes."""
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info()
+    limit = fraction * (free + torch.cuda.memory_reserved())
+    if fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total))
+    return limit
+
+
+def full_run(name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0) -> dict[str, Any]:
+    """Train ``epochs`` epochs at ``budget`` (this process) on ``fraction`` of the device: out of memory or not, the
+    peaks, the time."""
     torch.manual_seed(0)
-    peaks = _Peaks(quick)
+    limit = None if quick else cap_device(fraction)
+    peaks = _Peaks(quick, fraction)
     start = time.perf_counter()
     error = None
     try:
@@ -180,6 +200,7 @@ def full_run(name: str, quick: bool, budget: int, epochs: int) -> dict[str, Any]
     result: dict[str, Any] = {
         "max_tokens": budget,
         "epochs": epochs,
+        "fraction": fraction,
         "ok": error is None,
         "error": error,
         "steps": peaks.steps,
@@ -190,15 +211,16 @@ def full_run(name: str, quick: bool, budget: int, epochs: int) -> dict[str, Any]
     else:
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+        result["limit_gib"] = limit / GiB if limit is not None else None
     return result
 
 
-def run_isolated(name: str, quick: bool, budget: int, epochs: int) -> dict[str, Any]:
+def run_isolated(name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0) -> dict[str, Any]:
     """:func:`full_run` in a fresh process on the GPU (an out-of-memory run leaves nothing behind); in-process with
     ``--quick``."""
     if quick:
-        return full_run(name, quick, budget, epochs)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", name, str(budget), str(epochs)]
+        return full_run(name, quick, budget, epochs, fraction)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", name, str(budget), str(epochs), str(fraction)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -234,7 +256,7 @@ def by_hand(name: str, args: argparse.Namespace, start: int, multiple: int) -> d
     runs: list[dict[str, Any]] = []
 
     def ok(budget: int) -> bool:
-        result = run_isolated(name, args.quick, budget, args.reference_epochs)
+        result = run_isolated(name, args.quick, budget, args.reference_epochs, args.hand_fraction)
         runs.append(result)
         print(f"  {name} by hand: {budget} tokens -> {'ok' if result['ok'] else 'out of memory'}", flush=True)
         return bool(result["ok"])
@@ -424,7 +446,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny models, estimated memory")
     parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--fraction", type=float, default=0.9, help="TokenBudgetFinder(max_memory_fraction=...)")
-    parser.add_argument("--peak", choices=["reserved", "allocated"], default="reserved", help="CudaMemory(peak=...)")
+    parser.add_argument("--peak", choices=["reserved", "allocated"], default="allocated", help="CudaMemory(peak=...)")
+    parser.add_argument("--no-cap", action="store_true", help="CudaMemory(enforce_limit=False): probes uncapped")
+    parser.add_argument("--hand-fraction", type=float, default=None, help="device share of the by-hand runs")
     parser.add_argument("--reference-epochs", type=int, default=1, help="epochs of each full run of the bisection")
     parser.add_argument("--verify-epochs", type=int, default=3, help="epochs at the found budget (0: skip)")
     parser.add_argument("--max-runs", type=int, default=12, help="most full runs of the bisection")
@@ -434,27 +458,34 @@ def main() -> None:
     parser.add_argument("--timed-steps", type=int, default=10, help="timed steps of each checkpointing run")
     parser.add_argument("--json", default=None)
     parser.add_argument("--report-from", default=None, help="print the report of a saved JSON and exit")
-    parser.add_argument("--child-run", nargs=3, metavar=("MODEL", "MAX_TOKENS", "EPOCHS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child-run", nargs=4, metavar=("MODEL", "MAX_TOKENS", "EPOCHS", "FRACTION"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.report_from:
         print(report(json.loads(Path(args.report_from).read_text())))
         return
     if args.child_run:
-        name, budget, epochs = args.child_run
-        print("RESULT " + json.dumps(full_run(name, False, int(budget), int(epochs))), flush=True)
+        name, budget, epochs, fraction = args.child_run
+        print("RESULT " + json.dumps(full_run(name, False, int(budget), int(epochs), float(fraction))), flush=True)
         return
-    global PEAK
-    PEAK = args.peak
+    global PEAK, CAP
+    PEAK, CAP = args.peak, not args.no_cap
+    if args.hand_fraction is None:
+        args.hand_fraction = args.fraction
+    if not 0 < args.hand_fraction <= 1:
+        parser.error(f"--hand-fraction must be in (0, 1], got {args.hand_fraction}")
     if not args.quick and not torch.cuda.is_available():
         parser.error("needs a CUDA device (it measures GPU memory); use --quick for a CPU smoke run")
     device = "CPU (quick: tiny models, SavedTensorsMemory estimate)" if args.quick else torch.cuda.get_device_name()
     capacity = "" if args.quick else f", {torch.cuda.get_device_properties(0).total_memory / GiB:.1f} GiB"
     result: dict[str, Any] = {
         "header": (
-            f"TokenBudgetFinder on {device}{capacity}; max_memory_fraction={args.fraction}, peak {args.peak}; by "
-            "hand: bisection by "
-            f"full runs of {args.reference_epochs} epoch(s) to 1%; verify: {args.verify_epochs} epochs at the found "
-            f"budget; {environment()}; PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}"
+            f"TokenBudgetFinder on {device}{capacity}; max_memory_fraction={args.fraction}, peak {args.peak}, "
+            f"{'uncapped' if args.no_cap else 'probes capped at the limit'}; by hand: bisection by full runs of "
+            f"{args.reference_epochs} epoch(s) to 1% on {args.hand_fraction} of the device; verify: "
+            f"{args.verify_epochs} epochs at the found budget on the whole device; {environment()}; "
+            f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}"
         ),
         "settings": {k: v for k, v in vars(args).items() if k != "child_run"},
         "rows": [measure(name, args) for name in args.only],

@@ -390,6 +390,15 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+def _memory_fraction(device: torch.device) -> float:
+    """The allocator's per-process memory fraction on ``device`` (1.0 on a torch that cannot report it).
+
+    The one read of it: ``torch.cuda.get_per_process_memory_fraction`` (torch >= 2.8); a test fails if it moves.
+    """
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return 1.0 if getter is None else float(getter(device))
+
+
 class DeviceMemory:
     """How a device's memory is read: override it to probe another device, or to fake one in tests.
 
@@ -418,6 +427,11 @@ class DeviceMemory:
         raise NotImplementedError
 
     @contextlib.contextmanager
+    def limited(self, device: torch.device, limit: float) -> Iterator[None]:
+        """Run the block as on a device of ``limit`` bytes, where the reader can (default: unchanged)."""
+        yield
+
+    @contextlib.contextmanager
     def tracking(self, device: torch.device) -> Iterator[None]:
         """Measure the peak of what runs inside."""
         raise NotImplementedError
@@ -436,38 +450,52 @@ class DeviceMemory:
 
 
 class CudaMemory(DeviceMemory):
-    """CUDA's caching allocator: peak reserved (or allocated) bytes, against the memory this process can use.
+    """CUDA's caching allocator: peak allocated (or reserved) bytes, against the memory this process can use.
 
     Capacity is ``free + reserved`` (``torch.cuda.mem_get_info`` plus what PyTorch's allocator already holds): the
     device's total minus other processes, the CUDA context and allocations outside PyTorch (NCCL buffers).
 
-    The peak is ``torch.cuda.max_memory_reserved`` by default: what the allocator had to hold, its fragmentation
-    included. Measured on an H200, a Llama-shape model with a 128k vocabulary (24 GiB logits) at a budget whose
-    probes peaked at 124.6 GiB *allocated* (within 0.9 of 139.3 GiB) reserved 136.6 GiB in training and ran out of
-    memory at its second step: the allocated peak misses the fragmentation that large, shape-dependent
-    allocations cause. ``peak="allocated"`` (``torch.cuda.max_memory_allocated``) finds larger budgets, safe with
-    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (little fragmentation). The margin
-    ``1 - max_memory_fraction`` covers what later steps add. A probe's batches run back to back, so its reserved
-    peak also counts blocks an earlier batch freed that a later, larger one could not reuse (up to about twice one
-    step's need, by the batches' order): on the safe side, and not monotone in the budget. Probing resets CUDA's
-    process-wide peak counters; :meth:`release` (after each probe: the cache emptied) resets them once more, so
-    that a peak read after training is the run's, not the probes'.
+    By default (``enforce_limit=True``) every probe runs on an allocator capped at the limit
+    (``torch.cuda.set_per_process_memory_fraction``, the previous fraction restored after): a probe fits if its
+    steps run on a device of the limit's size, the allocator's fragmentation and its own retry (emptying its cache
+    when an allocation fails) included, and runs out of memory otherwise. Its peak is
+    ``torch.cuda.max_memory_allocated``, which the search uses to aim. Neither counter alone is the answer,
+    measured on an H200:
+
+    * the *allocated* peak misses fragmentation: a Llama-shape model with a 128k vocabulary (24 GiB logits) whose
+      probes peaked at 124.6 GiB allocated (within 0.9 of 139.3 GiB) reserved 136.6 GiB in training and ran out of
+      memory at its second step;
+    * the *reserved* peak counts cached blocks the allocator would have given back: BERT-base packed at 319,488
+      tokens reserved 126.6 GiB (over the 125.4 GiB limit) while it needs 80.7 GiB allocated at 314,880, so the
+      search stopped at 0.65x what fits.
+
+    ``enforce_limit=False`` compares the chosen counter with the limit instead (``peak="reserved"`` is then the safe
+    one; ``peak="allocated"`` is safe with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, little
+    fragmentation). The margin ``1 - max_memory_fraction`` covers what later steps add: batches of other shapes, a
+    cache fragmented by many steps. Probing resets CUDA's process-wide peak counters; :meth:`release` (after each
+    probe: the cache emptied) resets them once more, so that a peak read after training is the run's, not the
+    probes'.
 
     Args:
-        peak: ``"reserved"`` or ``"allocated"``.
+        peak: ``"allocated"`` or ``"reserved"``: the counter a probe reports.
+        enforce_limit: Run each probe on an allocator capped at the limit.
 
     Raises:
         ValueError: On another ``peak``.
 
     Example:
-        >>> CudaMemory(peak="allocated").peak_kind
-        'allocated'
+        >>> memory = CudaMemory()
+        >>> memory.peak_kind, memory.enforce_limit
+        ('allocated', True)
     """
 
-    def __init__(self, peak: Literal["reserved", "allocated"] = "reserved") -> None:
+    def __init__(self, peak: Literal["reserved", "allocated"] = "allocated", enforce_limit: bool = True) -> None:
         if peak not in ("reserved", "allocated"):
             raise ValueError(f"`peak` must be 'reserved' or 'allocated', got {peak!r}.")
+        if not isinstance(enforce_limit, bool):
+            raise ValueError(f"`enforce_limit` must be a bool, got {enforce_limit!r}.")
         self.peak_kind = peak
+        self.enforce_limit = enforce_limit
 
     def check(self, device: torch.device) -> None:
         """Raise unless ``device`` is a CUDA device.
@@ -492,6 +520,24 @@ class CudaMemory(DeviceMemory):
         if self.peak_kind == "reserved":
             return int(torch.cuda.memory_reserved(device))
         return int(torch.cuda.memory_allocated(device))
+
+    @contextlib.contextmanager
+    def limited(self, device: torch.device, limit: float) -> Iterator[None]:
+        """Cap this process's allocator at ``limit`` bytes inside the block (with ``enforce_limit``).
+
+        Uses ``torch.cuda.set_per_process_memory_fraction`` (a fraction of the device's total memory) and restores the
+        fraction in force before, also on errors.
+        """
+        if not self.enforce_limit:
+            yield
+            return
+        total = torch.cuda.get_device_properties(device).total_memory
+        before = _memory_fraction(device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, float(limit) / total)), device)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(before, device)
 
     @contextlib.contextmanager
     def tracking(self, device: torch.device) -> Iterator[None]:

@@ -514,3 +514,14 @@ def test_packing_step_quick_reports_three_cases(tmp_path):
     assert rows[0]["x_bucket"] == 1.0
     for r in rows:
         assert len(r["runs"]) == 4 and abs(r["median"] - float(np.median(r["runs"]))) <= 1
+
+
+def test_chunked_loss_model_quick(tmp_path: Path) -> None:
+    out = tmp_path / "clm.json"
+    stdout = _ok(_run("chunked_loss_model.py", "--quick", "--json", str(out)))
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["setting"] for r in runs] == ["unchunked", "chunked", "chunked", "unchunked"]  # ABBA
+    assert [r["loss_chunk_size"] for r in runs[:2]] == [None, 4096]
+    losses = [r["first_loss"] for r in runs]
+    assert max(losses) - min(losses) <= 1e-4 * abs(losses[0])  # same seed and batches, fp32: the same loss
+    assert "| chunked | 4,096 |" in stdout and "chunked / unchunked: speed" in stdout

@@ -3,8 +3,10 @@ the explained out-of-memory error, and the saved-tensors estimate against hand-c
 
 from __future__ import annotations
 
+import inspect
 import math
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -407,6 +409,53 @@ def test_a_real_cuda_out_of_memory_error_explained():
 
 
 def test_cuda_memory_peak_kinds():
-    assert CudaMemory().peak_kind == "reserved" and CudaMemory(peak="allocated").peak_kind == "allocated"
+    default = CudaMemory()
+    assert default.peak_kind == "allocated" and default.enforce_limit
+    assert CudaMemory(peak="reserved", enforce_limit=False).peak_kind == "reserved"
     with pytest.raises(ValueError, match="`peak` must be"):
         CudaMemory(peak="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`enforce_limit` must be a bool"):
+        CudaMemory(enforce_limit="yes")  # type: ignore[arg-type]
+
+
+class _FakeCudaFraction:
+    """torch.cuda's per-process memory fraction, on a pretend 100-byte device."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, start: float) -> None:
+        self.fraction, self.calls = start, []
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=100))
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: self.fraction, raising=False)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self.set)
+
+    def set(self, fraction: float, device: object = None) -> None:
+        assert isinstance(fraction, float)
+        self.calls.append(fraction)
+        self.fraction = fraction
+
+
+def test_cuda_memory_caps_the_allocator_at_the_limit_and_restores_it(monkeypatch):
+    fake = _FakeCudaFraction(monkeypatch, start=0.95)
+    device = torch.device("cuda")
+    with CudaMemory().limited(device, 80.0):
+        assert fake.fraction == pytest.approx(0.8)
+    assert fake.fraction == 0.95
+    with pytest.raises(torch.OutOfMemoryError), CudaMemory().limited(device, 250.0):  # above the device: 1.0
+        assert fake.fraction == 1.0
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert fake.fraction == 0.95 and fake.calls == [0.8, 0.95, 1.0, 0.95]
+    with CudaMemory(enforce_limit=False).limited(device, 80.0):  # untouched
+        assert fake.fraction == 0.95
+    assert len(fake.calls) == 4
+
+
+def test_the_allocator_fraction_is_read_through_torchs_public_getter():
+    """``_memory_fraction`` reads ``torch.cuda.get_per_process_memory_fraction`` (torch >= 2.8); fails if it moves."""
+    assert callable(torch.cuda.get_per_process_memory_fraction)
+    assert list(inspect.signature(torch.cuda.get_per_process_memory_fraction).parameters) == ["device"]
+
+
+def test_a_reader_without_a_cap_runs_the_block_unchanged():
+    memory = SavedTensorsMemory(capacity=100)
+    with memory.limited(CPU, 1.0):
+        x = torch.ones(1000)
+    assert x.sum() == 1000

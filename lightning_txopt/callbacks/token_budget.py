@@ -311,8 +311,12 @@ class StepProber:
                             "probing needs Lightning's default stepping."
                         )
 
-    def measure(self, make_batches: Callable[[], list[Any]]) -> float | None:
+    def measure(self, make_batches: Callable[[], list[Any]], limit: float | None = None) -> float | None:
         """Peak memory of :meth:`run_steps` on ``make_batches()`` (CPU batches), agreed over all ranks.
+
+        With a ``limit`` (bytes), the steps run as on a device of that size where the memory reader can enforce it
+        (:meth:`~lightning_txopt.memory.DeviceMemory.limited`: :class:`~lightning_txopt.memory.CudaMemory` caps the
+        allocator), so fragmentation that would not fit the limit is an out-of-memory error.
 
         Returns the largest peak over the ranks, or ``None`` if any rank ran out of memory.
 
@@ -323,7 +327,8 @@ class StepProber:
         status, peak, error = _OK, 0.0, None
         try:
             batches = [self.trainer.strategy.batch_to_device(b) for b in make_batches()]
-            with self.memory.tracking(self.device):
+            capped = self.memory.limited(self.device, limit) if limit is not None else contextlib.nullcontext()
+            with capped, self.memory.tracking(self.device):
                 self.run_steps(batches)
             peak = float(self.memory.peak(self.device))
         except Exception as exc:
@@ -372,8 +377,10 @@ class TokenBudgetFinder(Callback):
     :class:`StepProber` runs real training steps on them (the module's ``training_step``, backward and optimizer
     step, under the Trainer's precision, with everything the other callbacks set up in force) and reads the peak.
     :func:`~lightning_txopt.memory.search_token_budget` finds the largest budget whose peak stays within
-    ``max_memory_fraction`` of the device; the model, optimizer, GradScaler and random generators are then restored
-    exactly, and ``dm.set_token_budget(budget)`` sets the training and evaluation budget.
+    ``max_memory_fraction`` of the device (with :class:`~lightning_txopt.memory.CudaMemory`, the default, each probe
+    runs on an allocator capped at that limit, so the allocator's fragmentation counts too); the model, optimizer,
+    GradScaler and random generators are then restored exactly, and ``dm.set_token_budget(budget)`` sets the
+    training and evaluation budget.
 
     Under DDP every rank probes and all agree on every measurement (the most memory any rank needed; an
     out-of-memory error on one rank counts for all), so they choose the same budget and none hangs. The budget is
@@ -388,8 +395,8 @@ class TokenBudgetFinder(Callback):
     state a ``training_step`` keeps in Python attributes would see the probe batches.
 
     Args:
-        max_memory_fraction: Largest share of the device's memory the peak may take (the rest covers the
-            allocator's cache and fragmentation).
+        max_memory_fraction: Largest share of the device's memory the probes may take (the rest covers what
+            training adds over them: batches of other shapes, a cache fragmented by many steps).
         min_tokens: Smallest budget, probed first. Default: ``dm.min_token_budget`` when the DataModule has it
             (the longest sample), else ``dm.token_budget_multiple``.
         max_tokens: Largest budget (``None``: no bound).
@@ -499,7 +506,7 @@ class TokenBudgetFinder(Callback):
             prober.prime_optimizer()  # the optimizer's state counts in the baseline, as in training
             baseline = prober.baseline()
             search = search_token_budget(
-                lambda budget: prober.measure(lambda: datamodule.probe_batches(budget)),
+                lambda budget: prober.measure(lambda: datamodule.probe_batches(budget), limit),
                 limit=limit,
                 min_tokens=minimum,
                 max_tokens=maximum,
@@ -613,9 +620,11 @@ def fit_checkpointing(
     memory.check(pl_module.device)
     prober = StepProber(trainer, pl_module, memory, steps=probe_steps)
 
+    limit = 0.0
+
     def peak_at(every_n_layers: int | None) -> float | None:
         apply(every_n_layers)
-        return prober.measure(lambda: datamodule.probe_batches(budget))
+        return prober.measure(lambda: datamodule.probe_batches(budget), limit)
 
     with prober.preserving_state():
         limit = prober.limit(max_memory_fraction)

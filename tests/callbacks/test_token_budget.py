@@ -7,10 +7,12 @@ two gloo ranks of which one runs out of memory sooner (they agree, nobody hangs)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from lightning_txopt.callbacks import (
 )
 from lightning_txopt.callbacks.token_budget import _check_strategy, _logging_discarded
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
-from lightning_txopt.memory import CudaMemory, SavedTensorsMemory, checkpointing_candidates
+from lightning_txopt.memory import CudaMemory, SavedTensorsMemory, _memory_fraction, checkpointing_candidates
 from tests.helpers import BERT_DICT, ModelModule, as_dataset, cpu_trainer, make_samples, tiny_bert
 
 CONFIG = {**BERT_DICT, "hidden_dropout_prob": 0.1}  # dropout on: the probes must restore the random generators
@@ -243,10 +245,18 @@ class _Calls(OutOfMemoryAt):
     def __init__(self, capacity: int, probe: int) -> None:
         super().__init__(capacity, probe)
         self.calls: list[str] = []
+        self.limits: list[float] = []
 
     def tracking(self, device: torch.device) -> Any:
         self.calls.append("track")
         return super().tracking(device)
+
+    @contextlib.contextmanager
+    def limited(self, device: torch.device, limit: float) -> Iterator[None]:
+        self.calls.append("limit")
+        self.limits.append(limit)
+        with super().limited(device, limit):
+            yield
 
     def release(self, device: torch.device) -> None:
         self.calls.append("release")
@@ -254,7 +264,8 @@ class _Calls(OutOfMemoryAt):
 
 
 def test_every_probe_after_the_first_starts_from_a_released_device():
-    """The device is released after every probe (one that ran out of memory too) before the next one's tracking
+    """Each probe runs capped at the limit (CudaMemory: the allocator's per-process fraction) and the device is
+    released after every probe (one that ran out of memory too) before the next one's tracking
     restarts the peak: under CudaMemory, garbage collected, the allocator's cache emptied, the peak counters reset,
     so no probe's peak holds what an earlier probe left cached. (Within one probe the batches run back to back: a
     later, larger batch that cannot reuse an earlier one's freed blocks reserves more; that is measured, as training
@@ -263,7 +274,8 @@ def test_every_probe_after_the_first_starts_from_a_released_device():
     f = finder(memory=memory)
     _fit([f], BudgetDataModule(SAMPLES), steps=1)
     assert f.search is not None and f.search.probes[1][1] is None  # the second probe ran out of memory
-    assert memory.calls == ["track", "release"] * len(f.search.probes) + ["release"]  # the last: state restored
+    assert memory.calls == ["limit", "track", "release"] * len(f.search.probes) + ["release"]  # last: restored
+    assert memory.limits == [f.search.limit] * len(f.search.probes)  # each probe runs as on a device of the limit
 
 
 def test_chosen_budget_against_an_exhaustive_scan():
@@ -578,20 +590,24 @@ GPU_SAMPLES = make_samples(4000, seed=2, max_len=40)
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("peak", ["reserved", "allocated"])
-def test_cuda_budget_near_the_limit(peak):
+@pytest.mark.parametrize("peak, enforce_limit", [("allocated", True), ("allocated", False), ("reserved", False)])
+def test_cuda_budget_near_the_limit(peak, enforce_limit):
     """Real limits and out-of-memory errors; the budget is the finder's bracket on the peaks it measures.
 
-    ``peak="allocated"``: a probe's peak is its largest hold (16 MiB per padded token), so the budget fills the
-    limit. ``peak="reserved"`` (the default): the probe's batches (widest, most rows, most padded tokens) run back to
-    back, and a later, larger hold cannot reuse the block an earlier one freed, so the allocator reserves a second
-    segment: peaks of one to about two holds, by the batches' order (H200: 2,560 tokens peaked at 81 GB, 1.9 holds;
-    4,600 at 79 GB, 1.03 holds; 4,608 at 148 GB), a lower budget, not near the limit in holds.
+    The default (allocated peak, allocator capped at the limit) and ``peak="allocated"`` uncapped: a probe's peak
+    is its largest hold (16 MiB per padded token), so the budget fills the limit; under the cap, a larger hold that
+    cannot reuse the block an earlier one freed makes the allocator empty its cache and retry, as on a device of
+    the limit's size. ``peak="reserved"`` uncapped: the probe's batches (widest, most rows, most padded tokens) run
+    back to back, and the allocator reserves a second segment for a later, larger hold: peaks of one to about two
+    holds, by the batches' order (H200: 2,560 tokens peaked at 81 GB, 1.9 holds; 4,600 at 79 GB, 1.03 holds; 4,608
+    at 148 GB), a lower budget, not near the limit in holds.
     """
-    f = TokenBudgetFinder(memory=CudaMemory(peak=peak))
+    f = TokenBudgetFinder(memory=CudaMemory(peak=peak, enforce_limit=enforce_limit))
     dm = BudgetDataModule(GPU_SAMPLES)
     trainer = cpu_trainer(accelerator="cuda", max_steps=5, callbacks=[f], plugins=[MixedPrecision("16-mixed", "cuda")])
+    fraction = _memory_fraction(torch.device("cuda"))
     trainer.fit(_greedy(), datamodule=dm)
+    assert _memory_fraction(torch.device("cuda")) == fraction  # the cap is lifted after the probes
     search = f.search
     assert search is not None and f.budget is not None and f.seconds is not None
     assert search.stopped == "bracketed" and f.seconds < 30
