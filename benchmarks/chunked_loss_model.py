@@ -124,7 +124,8 @@ def main() -> None:
     device = "CPU" if args.quick else torch.cuda.get_device_name()
     header = (
         f"Chunked LM loss, whole model: {MODEL} Trainer.fit on {device}, bucketed max_tokens={args.tokens:,}, "
-        f"{'32-true' if args.quick else 'bf16-mixed'}, {args.warmup} warm-up + {args.steps} timed steps per run, ABBA x{args.repeats}; "
+        f"{'32-true' if args.quick else 'bf16-mixed'}, {args.warmup} warm-up + {args.steps} timed steps per run, "
+        f"ABBA x{args.repeats}; "
         f"{environment()}"
     )
     result = {"header": header, "settings": vars(args), "runs": runs}

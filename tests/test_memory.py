@@ -20,6 +20,7 @@ from lightning_txopt.memory import (
     SavedTensorsMemory,
     checkpointing_candidates,
     choose_checkpointing,
+    expandable_segments_enabled,
     explain_out_of_memory,
     explaining_out_of_memory,
     format_bytes,
@@ -424,18 +425,23 @@ class _FakeCudaFraction:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, start: float) -> None:
         self.fraction, self.calls = start, []
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=100))
-        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: self.fraction, raising=False)
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", self.get, raising=False)
         monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self.set)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     def set(self, fraction: float, device: object = None) -> None:
-        assert isinstance(fraction, float)
+        assert isinstance(fraction, float) and device == 0  # torch's setter and getter need an index
         self.calls.append(fraction)
         self.fraction = fraction
+
+    def get(self, device: object) -> float:
+        assert device == 0
+        return self.fraction
 
 
 def test_cuda_memory_caps_the_allocator_at_the_limit_and_restores_it(monkeypatch):
     fake = _FakeCudaFraction(monkeypatch, start=0.95)
-    device = torch.device("cuda")
+    device = torch.device("cuda")  # no index: the current device's
     with CudaMemory().limited(device, 80.0):
         assert fake.fraction == pytest.approx(0.8)
     assert fake.fraction == 0.95
@@ -459,3 +465,26 @@ def test_a_reader_without_a_cap_runs_the_block_unchanged():
     with memory.limited(CPU, 1.0):
         x = torch.ones(1000)
     assert x.sum() == 1000
+
+
+@pytest.mark.parametrize(
+    "env, on",
+    [
+        ({}, False),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, True),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments:true"}, True),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, False),
+        ({"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, True),
+    ],
+)
+def test_expandable_segments_are_read_from_the_environment(monkeypatch, env, on):
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert expandable_segments_enabled() is on
+    advice = CudaMemory().advice()
+    assert (advice is None) is on
+    if advice is not None:
+        assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in advice and "max_memory_fraction" in advice
+    assert SavedTensorsMemory(10).advice() is None  # an estimate has nothing to warn about

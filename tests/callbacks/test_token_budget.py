@@ -565,6 +565,49 @@ def test_step_prober_needs_one_optimizer():
         StepProber(Trainer(), module(), SavedTensorsMemory(10))  # type: ignore[arg-type]
 
 
+class _StateSeen(TransformerModule):
+    """Records, at each training step, whether the optimizer already had its state (AdamW's moments)."""
+
+    seen: list[bool]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen.append(bool(self.trainer.optimizers[0].state))
+        return super().training_step(batch, batch_idx)
+
+
+class _TwoProbes(Callback):
+    def __init__(self, fresh: bool) -> None:
+        self.fresh, self.seen = fresh, []
+
+    def on_fit_start(self, trainer, pl_module):
+        prober = StepProber(trainer, pl_module, SavedTensorsMemory(10**12), fresh_optimizer=self.fresh)
+        pl_module.seen = []
+        with prober.preserving_state():
+            for _ in range(2):
+                prober.measure(lambda: trainer.datamodule.probe_batches(256), limit=1e12)
+                self.seen.append(pl_module.seen)
+                pl_module.seen = []
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_each_probe_makes_the_optimizer_state_as_the_first_training_step_does(fresh):
+    """``fresh_optimizer`` (the finder's setting): each probe starts without the optimizer's state, and its first
+    step makes it after its backward, as training's first step does (where it lands decides fragmentation); the
+    other steps run with it. Without it, the state is primed before the first probe's steps."""
+    torch.manual_seed(0)
+    m = _StateSeen(config=CONFIG, num_labels=3, learning_rate=1e-3, warmup=0)
+    probe = _TwoProbes(fresh)
+    dm = BudgetDataModule(SAMPLES)
+    dm.max_tokens = 256
+    _fit([probe], dm, steps=1, model=m)
+    batches = len(BudgetDataModule(SAMPLES).probe_batches(256))
+    assert batches >= 2
+    if fresh:
+        assert probe.seen == [[False] + [True] * batches] * 2  # a first step on the first batch, then one round
+    else:
+        assert probe.seen == [[True] * batches] * 2
+
+
 # ---------------------------------------------------------------------------------------------- on a GPU
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HOLD = 2**24  # bytes per padded token that _Greedy holds through its forward: an H200 fills at ~8,000 tokens
@@ -671,3 +714,13 @@ def test_cuda_restores_state_exactly():
     assert_same(weights, ref[0])
     assert state == ref[1] == {} and scale == ref[2]
     assert torch.equal(cuda_rng, ref[3]) and torch.equal(cpu_rng, ref[4])
+
+
+class _Advising(SavedTensorsMemory):
+    def advice(self) -> str | None:
+        return "the allocator may fragment"
+
+
+def test_the_memory_readers_advice_is_a_warning():
+    with pytest.warns(UserWarning, match="TokenBudgetFinder: the allocator may fragment"):
+        _fit([finder(memory=_Advising(CAPACITY))], BudgetDataModule(SAMPLES), steps=1)
