@@ -85,10 +85,10 @@ def report(result: dict[str, Any]) -> str:
 
     rows = []
     for s in SETTINGS:
-        speed = [f"{r['real_tokens_per_s']:,.0f}" for r in by[s]]
-        memory = "n/a (CPU)" if quick else f"{mean(s, 'peak_allocated_gib'):.2f} / {mean(s, 'peak_reserved_gib'):.2f}"
+        speeds = " / ".join(f"{r['real_tokens_per_s']:,.0f}" for r in by[s])
+        peaks = "n/a (CPU)" if quick else f"{mean(s, 'peak_allocated_gib'):.2f} / {mean(s, 'peak_reserved_gib'):.2f}"
         loss = ", ".join(f"{r['first_loss']:.4f}" for r in by[s])
-        rows.append([s, SETTINGS[s] or "full logits", memory, " / ".join(speed), loss])
+        rows.append([s, SETTINGS[s] or "full logits", peaks, speeds, loss])
     lines = [result["header"], ""]
     lines.append(
         markdown_table(["setting", "chunk", "peak GiB alloc / reserved", "real tokens/s (runs)", "first loss"], rows)

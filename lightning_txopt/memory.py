@@ -507,7 +507,7 @@ class CudaMemory(DeviceMemory):
         enforce_limit: Run each probe on an allocator capped at the limit.
 
     Raises:
-        ValueError: On another ``peak``.
+        ValueError: On another ``peak``, or an ``enforce_limit`` that is not a bool.
 
     Example:
         >>> memory = CudaMemory()

@@ -423,7 +423,8 @@ class _FakeCudaFraction:
     """torch.cuda's per-process memory fraction, on a pretend 100-byte device."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, start: float) -> None:
-        self.fraction, self.calls = start, []
+        self.fraction = start
+        self.calls: list[float] = []
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=100))
         monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", self.get, raising=False)
         monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self.set)

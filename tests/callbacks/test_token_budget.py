@@ -577,7 +577,8 @@ class _StateSeen(TransformerModule):
 
 class _TwoProbes(Callback):
     def __init__(self, fresh: bool) -> None:
-        self.fresh, self.seen = fresh, []
+        self.fresh = fresh
+        self.seen: list[list[bool]] = []
 
     def on_fit_start(self, trainer, pl_module):
         prober = StepProber(trainer, pl_module, SavedTensorsMemory(10**12), fresh_optimizer=self.fresh)
