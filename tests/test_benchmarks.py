@@ -525,3 +525,17 @@ def test_chunked_loss_model_quick(tmp_path: Path) -> None:
     losses = [r["first_loss"] for r in runs]
     assert max(losses) - min(losses) <= 1e-4 * abs(losses[0])  # same seed and batches, fp32: the same loss
     assert "| chunked | 4,096 |" in stdout and "chunked / unchunked: speed" in stdout
+
+
+def test_attention_fallback_quick(tmp_path: Path) -> None:
+    out = tmp_path / "af.json"
+    stdout = _ok(_run("attention_fallback.py", "--quick", "--json", str(out)))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["causal"], r["variant"]) for r in rows} == {
+        (c, v) for c in (False, True) for v in ("block mask (the fallback)", "flex attention, eager")
+    }
+    for r in rows:  # the same attention, two implementations (fp32)
+        assert r["max_abs_diff"] < 1e-4, r
+        if r["variant"].startswith("block"):  # the fallback trains (flex: refused on a CPU by torch 2.13)
+            assert float(r["train_ms"]) > 0, r
+    assert "| bidirectional | block mask (the fallback) |" in stdout
