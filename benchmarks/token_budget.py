@@ -41,6 +41,7 @@ mechanics, its figures are not GPU figures. Without ``--quick`` and without a CU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -170,29 +171,24 @@ class _Peaks(Callback):
             self.peak = max(self.peak, self.estimate.peak(torch.device("cpu")))
 
 
-def cap_device(fraction: float) -> float:
-    """Cap this process's CUDA allocator at ``fraction`` of the memory it can use (free + reserved); the cap in
-    bytes."""
-    torch.cuda.init()
-    free, total = torch.cuda.mem_get_info()
-    limit = fraction * (free + torch.cuda.memory_reserved())
-    if fraction < 1:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total))
-    return limit
-
-
 def full_run(name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0) -> dict[str, Any]:
     """Train ``epochs`` epochs at ``budget`` (this process) on ``fraction`` of the device: out of memory or not, the
-    peaks, the time."""
+    peaks, the time. The device is capped as the finder's probes are (``CudaMemory().limited``)."""
     torch.manual_seed(0)
-    limit = None if quick else cap_device(fraction)
+    limit: float | None = None
+    capped: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if not quick:
+        cuda = torch.device("cuda", torch.cuda.current_device())
+        limit = fraction * CudaMemory().capacity(cuda)
+        capped = CudaMemory(enforce_limit=fraction < 1).limited(cuda, limit)
     peaks = _Peaks(quick, fraction)
     start = time.perf_counter()
     error = None
     try:
-        trainer(quick, max_epochs=epochs, callbacks=[peaks]).fit(
-            TransformerModule(**model_kwargs(name, quick)), datamodule=datamodule(name, quick, budget)
-        )
+        with capped:
+            trainer(quick, max_epochs=epochs, callbacks=[peaks]).fit(
+                TransformerModule(**model_kwargs(name, quick)), datamodule=datamodule(name, quick, budget)
+            )
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
