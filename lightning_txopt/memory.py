@@ -15,7 +15,7 @@ import gc
 import math
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -111,6 +111,7 @@ def search_token_budget(
     tolerance: float = 0.02,
     max_probes: int = 12,
     max_growth: float = 64.0,
+    key: Callable[[int], Hashable] | None = None,
 ) -> BudgetSearch:
     """The largest multiple of ``multiple`` in ``[min_tokens, max_tokens]`` whose ``probe`` peak is ``<= limit``.
 
@@ -142,8 +143,12 @@ def search_token_budget(
         multiple: Budgets are multiples of this (the step granularity).
         baseline: Memory at budget 0 (weights and optimizer state), used only to extrapolate from the first probe.
         tolerance: Relative precision at which the search stops.
-        max_probes: Most probes.
+        max_probes: Most probes (distinct measurements, with ``key``).
         max_growth: Most growth of the budget from one probe to the next while no budget has failed.
+        key: ``budget -> hashable``: budgets with equal keys have equal peaks (e.g. the shapes of the batches the
+            plan makes at them: a small dataset gives the same batches over a range of budgets). A budget whose key
+            was measured reuses that peak without calling ``probe`` and does not count against ``max_probes``; it is
+            listed in :attr:`BudgetSearch.probes` like the others. At most ``4 * max_probes`` budgets are visited.
 
     Returns:
         A :class:`BudgetSearch`.
@@ -180,14 +185,20 @@ def search_token_budget(
 
     peaks: dict[int, float | None] = {}
     order: list[int] = []
+    measured: dict[Hashable, float | None] = {}  # by key: the distinct measurements
 
     def run(budget: int) -> None:
+        k = key(budget) if key is not None else budget
+        if k in measured:
+            peaks[budget] = measured[k]
+            order.append(budget)
+            return
         peak = probe(budget)
         if peak is not None:
             if isinstance(peak, bool) or not isinstance(peak, int | float) or not peak >= 0:
                 raise ValueError(f"The probe returned {peak!r} at budget {budget}: give a peak >= 0, or None (OOM).")
             peak = float(peak)
-        peaks[budget] = peak
+        peaks[budget] = measured[k] = peak
         order.append(budget)
 
     def fits(budget: int) -> bool:
@@ -227,7 +238,7 @@ def search_token_budget(
         step = step_at(lo)
         if hi is not None and hi - lo <= step:
             return result(lo, "bracketed")
-        if len(order) >= max_probes:
+        if len(measured) >= max_probes or len(order) >= 4 * max_probes:
             return result(lo, "max_probes")
         below = sorted(b for b in peaks if fits(b) and b < lo)
         if hi is None:

@@ -489,3 +489,57 @@ def test_expandable_segments_are_read_from_the_environment(monkeypatch, env, on)
     if advice is not None:
         assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in advice and "max_memory_fraction" in advice
     assert SavedTensorsMemory(10).advice() is None  # an estimate has nothing to warn about
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    plateau=st.integers(1, 40),
+    slope=st.floats(1.0, 50.0),
+    limit=st.floats(2_000.0, 200_000.0),
+)
+def test_budgets_with_one_key_are_measured_once(plateau, slope, limit):
+    """Memory as a step function of the budget (the plan changes every ``plateau`` multiples): with ``key`` the
+    search finds the same budget as without it, calls the probe once per distinct key, and never more often."""
+    calls: list[int] = []
+
+    def key(b: int) -> int:
+        return b // (64 * plateau)
+
+    def probe(b: int) -> float:
+        calls.append(b)
+        return 500.0 + slope * 64 * plateau * (key(b) + 1)
+
+    keyed = search_token_budget(probe, limit=limit, min_tokens=64, multiple=64, key=key, max_probes=40)
+    n_keyed = len(calls)
+    calls.clear()
+    plain = search_token_budget(probe, limit=limit, min_tokens=64, multiple=64, max_probes=40)
+    assert len(calls) >= n_keyed == len({key(b) for b, _ in keyed.probes})  # one measurement per key
+    for found in (keyed, plain):  # a fitting budget, within one plateau of the largest that fits
+        assert found.max_tokens is None or probe(found.max_tokens) <= limit
+    reference = largest_fitting(probe, limit, 64, 64, 64 * 4000)
+    if keyed.max_tokens is not None and keyed.stopped == "bracketed":  # within one step (2%) of the largest
+        assert reference is not None and reference >= keyed.max_tokens
+        assert reference - keyed.max_tokens <= max(64, -(-math.ceil(0.02 * keyed.max_tokens) // 64) * 64)
+
+
+def test_a_reused_key_does_not_count_against_max_probes():
+    """Memory grows up to 512 tokens, then the plan stops changing (a small dataset) until 4,096, where one batch of
+    everything does not fit: budgets of the plateau are visited without measuring them again."""
+
+    def key(b: int) -> object:
+        return b if b < 512 else ("plateau" if b < 4096 else "one batch")
+
+    def peak(b: int) -> float | None:
+        return 100.0 + b if b < 512 else (612.0 if b < 4096 else None)
+
+    probed: list[int] = []
+
+    def probe(b: int) -> float | None:
+        probed.append(b)
+        return peak(b)
+
+    found = search_token_budget(probe, limit=5000.0, min_tokens=64, multiple=64, key=key, max_probes=5)
+    assert len(probed) == len({key(b) for b, _ in found.probes}) <= 5  # one measurement per key
+    assert len(found.probes) > len(probed)  # plateau budgets visited without a measurement
+    assert found.stopped == "bracketed" and found.max_tokens is not None
+    assert 4096 - 128 <= found.max_tokens < 4096  # within one 2% step of the plateau's edge

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -370,6 +370,34 @@ class StepProber:
         return None if agreed_status >= _OOM else agreed_peak
 
 
+def _shapes(batches: list[Any]) -> Hashable:
+    """What decides a probe's memory: each batch's tensor shapes and dtypes, and its other plain values.
+
+    Plain values are such as ``max_length_q``. Budgets whose probe batches agree in these need the same memory, so
+    the finder measures them once (a small dataset gives the same batches over a range of budgets).
+
+    Example:
+        >>> batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "max_length_q": 8}
+        >>> _shapes([batch]) == _shapes([{**batch, "input_ids": torch.ones(2, 8, dtype=torch.long)}])
+        True
+        >>> _shapes([batch]) == _shapes([{**batch, "input_ids": torch.zeros(2, 9, dtype=torch.long)}])
+        False
+    """
+
+    def describe(value: Any) -> Hashable:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), str(value.dtype))
+        if isinstance(value, Mapping):
+            return tuple((str(k), describe(v)) for k, v in value.items())
+        if isinstance(value, list | tuple):
+            return tuple(describe(v) for v in value)
+        if isinstance(value, int | float | str | bool) or value is None:
+            return value
+        return type(value).__name__
+
+    return tuple(describe(b) for b in batches)
+
+
 def _check_strategy(trainer: pl.Trainer, who: str) -> None:
     strategy = trainer.strategy
     if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
@@ -531,8 +559,16 @@ class TokenBudgetFinder(Callback):
             limit = prober.limit(self.max_memory_fraction)
             prober.prime_optimizer()  # the optimizer's state counts in the baseline (each probe makes it anew)
             baseline = prober.baseline()
+            planned: dict[int, list[Any]] = {}  # the probe batches of the budget being looked at
+
+            def shapes(budget: int) -> Hashable:
+                planned.clear()
+                planned[budget] = datamodule.probe_batches(budget)
+                return _shapes(planned[budget])
+
             search = search_token_budget(
-                lambda budget: prober.measure(lambda: datamodule.probe_batches(budget), limit),
+                lambda budget: prober.measure(lambda: planned.pop(budget), limit),
+                key=shapes,
                 limit=limit,
                 min_tokens=minimum,
                 max_tokens=maximum,

@@ -31,7 +31,7 @@ from lightning_txopt.callbacks import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
 )
-from lightning_txopt.callbacks.token_budget import _check_strategy, _logging_discarded
+from lightning_txopt.callbacks.token_budget import _check_strategy, _logging_discarded, _shapes
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
 from lightning_txopt.memory import CudaMemory, SavedTensorsMemory, _memory_fraction, checkpointing_candidates
 from tests.helpers import BERT_DICT, ModelModule, as_dataset, cpu_trainer, make_samples, tiny_bert
@@ -725,3 +725,19 @@ class _Advising(SavedTensorsMemory):
 def test_the_memory_readers_advice_is_a_warning():
     with pytest.warns(UserWarning, match="TokenBudgetFinder: the allocator may fragment"):
         _fit([finder(memory=_Advising(CAPACITY))], BudgetDataModule(SAMPLES), steps=1)
+
+
+def test_budgets_that_make_the_same_batches_are_measured_once():
+    """A dataset smaller than the budgets probed: every budget past its size makes the same single batch. The
+    finder measures that batch once (the search reuses its peak, keyed by the batches' shapes) and stops as
+    saturated; every budget it visited is listed in its probes."""
+    memory = _Calls(10**12, probe=0)  # nothing runs out of memory
+    f = finder(memory=memory)
+    small = make_samples(40, seed=3, max_len=20)
+    _fit([f], BudgetDataModule(small), steps=1)
+    assert f.search is not None and f.search.stopped == "saturated"
+    measured = memory.calls.count("track")
+    assert measured < len(f.search.probes)  # a budget was visited without running its steps
+    dm = BudgetDataModule(small)
+    shapes = {_shapes(dm.probe_batches(b)) for b, _ in f.search.probes}
+    assert measured == len(shapes)  # one measurement per distinct set of batch shapes
