@@ -11,6 +11,7 @@ checkpointing choice (:func:`fit_checkpointing`) reuses it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -564,7 +565,10 @@ class TokenBudgetFinder(Callback):
             def shapes(budget: int) -> Hashable:
                 planned.clear()
                 planned[budget] = datamodule.probe_batches(budget)
-                return _shapes(planned[budget])
+                local = _shapes(planned[budget])
+                digest = float(int.from_bytes(hashlib.blake2b(repr(local).encode(), digest_size=6).digest(), "big"))
+                low, high = prober.agree([digest], "min")[0], prober.agree([digest], "max")[0]
+                return local if low == high else ("budget", budget)  # ranks that differ: no reuse, in lockstep
 
             search = search_token_budget(
                 lambda budget: prober.measure(lambda: planned.pop(budget), limit),

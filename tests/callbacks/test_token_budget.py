@@ -463,6 +463,45 @@ def test_two_ranks_agree_when_one_runs_out_of_memory(tmp_path):
     assert ranks[0]["budget"] >= alone.budget * 0.97 - 8
 
 
+class _RankShapes(BudgetDataModule):
+    """Over 10,000 tokens rank 1 probes one more copy of its first batch. Past the dataset's size rank 0's batches
+    stop changing while rank 1's change once more: a measurement that only rank 0 could reuse must be made on both
+    (a rank that skipped it would leave the other waiting in its collectives)."""
+
+    def probe_batches(self, max_tokens: int) -> list[dict[str, torch.Tensor]]:
+        batches = super().probe_batches(max_tokens)
+        if self.trainer is not None and self.trainer.global_rank == 1 and max_tokens > 10_000:
+            batches = [batches[0], *batches]
+        return batches
+
+
+class _RecordCalls(Callback):
+    def __init__(self, out: str, f: TokenBudgetFinder) -> None:
+        self.out, self.f = out, f
+
+    def on_train_start(self, trainer, pl_module):
+        memory = self.f.memory
+        assert isinstance(memory, _Calls) and self.f.search is not None
+        record = {"probes": self.f.search.probes, "measured": memory.calls.count("track")}
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.ddp
+def test_ranks_whose_batches_differ_measure_in_lockstep(tmp_path):
+    f = finder(memory=_Calls(10**12, probe=0))
+    trainer = cpu_trainer(
+        max_steps=1,
+        devices=2,
+        strategy="ddp_spawn",
+        use_distributed_sampler=False,
+        callbacks=[f, _RecordCalls(tmp_path, f)],
+    )
+    trainer.fit(module(), datamodule=_RankShapes(make_samples(40, seed=3, max_len=20)))
+    ranks = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["probes"] == ranks[1]["probes"]
+    assert ranks[0]["measured"] == ranks[1]["measured"] == len(ranks[0]["probes"])  # nothing reused: lockstep
+
+
 # ---------------------------------------------------------------------------------------------- checkpointing
 def _AutoCheckpointing(memory: SavedTensorsMemory) -> GradientCheckpointing:
     """GradientCheckpointing(every_n_layers="auto") with a CPU estimate of the memory."""
