@@ -203,6 +203,16 @@ class StepProber:
         reduced = self.trainer.strategy.reduce(tensor, reduce_op=reduce_op)
         return [float(v) for v in reduced.tolist()]
 
+    def same_on_all_ranks(self, value: Hashable) -> bool:
+        """Whether every rank holds the same ``value``.
+
+        A digest of its ``repr`` is compared over the ranks in one collective: every rank must call it at the same
+        point.
+        """
+        digest = float(int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=6).digest(), "big"))
+        highest, negated_lowest = self.agree([digest, -digest], "max")
+        return highest == -negated_lowest
+
     def limit(self, fraction: float) -> float:
         """``fraction`` of the device's capacity, the smallest over the ranks (bytes)."""
         return self.agree([fraction * self.memory.capacity(self.device)], "min")[0]
@@ -566,9 +576,7 @@ class TokenBudgetFinder(Callback):
                 planned.clear()
                 planned[budget] = datamodule.probe_batches(budget)
                 local = _shapes(planned[budget])
-                digest = float(int.from_bytes(hashlib.blake2b(repr(local).encode(), digest_size=6).digest(), "big"))
-                low, high = prober.agree([digest], "min")[0], prober.agree([digest], "max")[0]
-                return local if low == high else ("budget", budget)  # ranks that differ: no reuse, in lockstep
+                return local if prober.same_on_all_ranks(local) else ("budget", budget)  # no reuse where ranks differ
 
             search = search_token_budget(
                 lambda budget: prober.measure(lambda: planned.pop(budget), limit),
@@ -689,14 +697,13 @@ def fit_checkpointing(
         rank_zero_warn(f"Checkpointing to a memory target: {advice}")
     prober = StepProber(trainer, pl_module, memory, steps=probe_steps, fresh_optimizer=True)
 
-    limit = 0.0
+    limit = prober.limit(max_memory_fraction)
 
     def peak_at(every_n_layers: int | None) -> float | None:
         apply(every_n_layers)
         return prober.measure(lambda: datamodule.probe_batches(budget), limit)
 
     with prober.preserving_state():
-        limit = prober.limit(max_memory_fraction)
         choice = choose_checkpointing(peak_at, num_blocks, limit=limit)
     apply(choice.every_n_layers)
     if not choice.fits:
