@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 
+from tests.helpers import restoring_process_group
+
 
 @pytest.fixture
 def in_process_ddp() -> Iterator[None]:
     """Undo what an in-process ``strategy="ddp"`` run leaves behind (process group, rendezvous variables)."""
-    saved = dict(os.environ)
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+    with restoring_process_group():
+        yield
 
 
 @pytest.fixture(scope="module")

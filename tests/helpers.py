@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import operator
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -280,3 +281,17 @@ def assert_same_gradients(
             assert_close_relative(p.grad, q.grad, rel, msg=name, atol=atol)
             checked += 1
     assert checked, "no gradients to compare"
+
+
+@contextlib.contextmanager
+def restoring_process_group() -> Iterator[None]:
+    """Undo what an in-process ``strategy="ddp"`` (or FSDP) run leaves behind: the process group, and the
+    rendezvous variables it sets in ``os.environ``."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

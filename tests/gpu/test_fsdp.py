@@ -50,7 +50,7 @@ from tests.fsdp_helpers import (
     reference_window_gradient,
     windows,
 )
-from tests.helpers import BERT_DICT, GPT2_DICT, cpu_trainer, make_samples
+from tests.helpers import BERT_DICT, GPT2_DICT, cpu_trainer, make_samples, restoring_process_group
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 needs_fsdp2 = pytest.mark.skipif(not fsdp2_available(), reason="needs ModelParallelStrategy and torch's fully_shard")
@@ -60,12 +60,8 @@ REL = 1e-4  # fp32 on the GPU against fp32 on the CPU
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_process_group():
-    environ = dict(os.environ)
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environ)
+    with restoring_process_group():
+        yield
 
 
 @pytest.fixture(autouse=True)
