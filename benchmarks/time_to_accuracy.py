@@ -13,10 +13,12 @@ corpus (14,396 texts, 40 labels); the classifier head is initialised from the sa
 
 - Hugging Face Trainer: the strongest Trainer recipe of ``gpu_compare.py``: ``group_by_length``, bf16, padding to a
   multiple of 8, batch 32, AdamW fused, lr 5e-5 with linear decay, 3 epochs, evaluated after each epoch.
-- lightning_txopt: ``BucketDataModule`` token budget (``--max-tokens``, one run per value) with batches padded to a
-  ladder of widths (``--ladder``; nothing after it: off), bf16-mixed, ``FreezeEmbeddings``, ``TransformerModule``
-  (AdamW fused, lr ``--lr``, the head at ``--head-lr-factor`` times it, warm-up then linear decay over ``--epochs``),
-  evaluated every quarter epoch.
+- lightning_txopt: ``BucketDataModule`` token budget (``--max-tokens``, one run per value) in a ``--layout`` per run:
+  ``bucket`` (batches padded to a ladder of widths, ``--ladder``; nothing after it: off), ``packed`` (padding-free
+  rows of 512, the varlen kernel, eager) or ``packed-compile`` (packed, ``static_shapes=True``,
+  ``TransformerModule(compile=True)``: compile time counts as training time), bf16-mixed, ``FreezeEmbeddings``,
+  ``TransformerModule`` (AdamW fused, lr ``--lr``, the head at ``--head-lr-factor`` times it, warm-up then linear
+  decay over ``--epochs``), evaluated every quarter epoch.
 
 Training time excludes evaluation and set-up for both (evaluation time is reported separately). The target is the
 Trainer's final validation accuracy; the speed-up is the Trainer's training time over ours at the first evaluation
@@ -186,18 +188,28 @@ def txopt_recipe(
     max_tokens: int,
     lr: float,
     head_lr_factor: float = 1.0,
+    layout: str = "bucket",
 ) -> dict:
     cuda = torch.cuda.is_available()
+    packed = layout.startswith("packed")
     dm = BucketDataModule(
         data["train"],
         data["val"],
         pad_token_id=0,
         max_tokens=max_tokens,
-        pad_to_lengths=args.ladder or None,
+        strategy="packed" if packed else "bucket",
+        static_shapes=layout == "packed-compile",
+        pad_to_lengths=None if packed else (args.ladder or None),
         seed=0,
     )
     torch.manual_seed(0)  # the same classifier head as the Trainer's
-    module = TransformerModule(path, num_labels=num_labels, learning_rate=lr, head_lr_factor=head_lr_factor)
+    module = TransformerModule(
+        path,
+        num_labels=num_labels,
+        learning_rate=lr,
+        head_lr_factor=head_lr_factor,
+        compile=layout == "packed-compile",
+    )
     curve = _Curve()
     trainer = pl.Trainer(
         accelerator="cuda" if cuda else "cpu",
@@ -217,7 +229,8 @@ def txopt_recipe(
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - start
     head = f", head x{head_lr_factor:g}" if head_lr_factor != 1 else ""
-    name = f"lightning_txopt (max_tokens={max_tokens}, lr={lr:g}{head})"
+    shown = "" if layout == "bucket" else f"{layout}, "
+    name = f"lightning_txopt ({shown}max_tokens={max_tokens}, lr={lr:g}{head})"
     result = {
         "recipe": name,
         "curve": curve.curve,
@@ -266,6 +279,13 @@ def main() -> None:
         "--head-lr-factor", type=float, nargs="+", default=[30.0], help="with each --max-tokens (one value: for all)"
     )
     parser.add_argument(
+        "--layout",
+        nargs="+",
+        choices=["bucket", "packed", "packed-compile"],
+        default=["bucket"],
+        help="with each --max-tokens (one value: for all)",
+    )
+    parser.add_argument(
         "--ladder", type=int, nargs="*", default=[16, 32, 64, 128, 256, 512], help="pad_to_lengths (none: off)"
     )
     parser.add_argument("--max-steps", type=int, default=0, help="cap both runs (smoke runs)")
@@ -304,10 +324,13 @@ def main() -> None:
     heads = args.head_lr_factor * len(args.max_tokens) if len(args.head_lr_factor) == 1 else args.head_lr_factor
     if len(heads) != len(args.max_tokens):
         parser.error("give one --head-lr-factor, or one per --max-tokens")
+    layouts = args.layout * len(args.max_tokens) if len(args.layout) == 1 else args.layout
+    if len(layouts) != len(args.max_tokens):
+        parser.error("give one --layout, or one per --max-tokens")
     runs = [trainer_recipe(path, data, num_labels, args)]
-    for max_tokens, lr, head in zip(args.max_tokens, args.lr, heads, strict=True):
+    for max_tokens, lr, head, layout in zip(args.max_tokens, args.lr, heads, layouts, strict=True):
         gc.collect()
-        runs.append(txopt_recipe(path, data, num_labels, args, max_tokens, lr, head))
+        runs.append(txopt_recipe(path, data, num_labels, args, max_tokens, lr, head, layout))
     target = runs[0]["curve"][-1]["val_acc"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     header = (

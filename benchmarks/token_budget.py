@@ -211,6 +211,71 @@ def full_run(name: str, quick: bool, budget: int, epochs: int, fraction: float =
     return result
 
 
+class _StepPeaks(Callback):
+    """Each training step's peak allocated and reserved memory and its batch's shape (CUDA)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.shape: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        torch.cuda.reset_peak_memory_stats()
+        self.shape = list(batch["input_ids"].shape)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.steps.append(
+            {
+                "shape": self.shape,
+                "allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+                "reserved_gib": torch.cuda.max_memory_reserved() / GiB,
+            }
+        )
+
+
+def user_run(name: str, epochs: int, fraction: float) -> dict[str, Any]:
+    """What a user runs: one ``fit`` with ``TokenBudgetFinder()`` that then trains ``epochs`` epochs at the found
+    budget on the whole device (this process); out of memory or not, each step's peak, the allocator's settings."""
+    from lightning_txopt.memory import expandable_segments_enabled
+
+    torch.manual_seed(0)
+    before = expandable_segments_enabled()
+    finder = TokenBudgetFinder(max_memory_fraction=fraction, min_tokens=min_tokens(name, False))
+    peaks = _StepPeaks()
+    error = None
+    start = time.perf_counter()
+    try:
+        trainer(False, max_epochs=epochs, callbacks=[finder, peaks]).fit(
+            TransformerModule(**model_kwargs(name, False)), datamodule=datamodule(name, False, "auto")
+        )
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        error = str(exc).strip().splitlines()[0][:300]
+    segments = torch.cuda.memory_snapshot()
+    search = finder.search
+    probe_peak = search.peak_of(finder.budget) if search is not None and finder.budget is not None else None
+    worst = max(peaks.steps, key=lambda x: x["allocated_gib"], default=None)
+    return {
+        "max_tokens": finder.budget,
+        "epochs": epochs,
+        "ok": error is None,
+        "error": error,
+        "steps": len(peaks.steps),
+        "seconds": time.perf_counter() - start,
+        "finder_seconds": finder.seconds,
+        "expandable_before": before,
+        "expandable_after": expandable_segments_enabled(),
+        "expandable_segments": sum(bool(seg.get("is_expandable")) for seg in segments),
+        "segments": len(segments),
+        "probe_peak_gib": None if probe_peak is None else probe_peak / GiB,
+        "limit_gib": None if search is None else search.limit / GiB,
+        "peak_allocated_gib": max((x["allocated_gib"] for x in peaks.steps), default=None),
+        "peak_reserved_gib": max((x["reserved_gib"] for x in peaks.steps), default=None),
+        "worst_step": worst,
+        "per_step": peaks.steps,
+    }
+
+
 def run_isolated(name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0) -> dict[str, Any]:
     """:func:`full_run` in a fresh process on the GPU (an out-of-memory run leaves nothing behind); in-process with
     ``--quick``."""
@@ -222,6 +287,17 @@ def run_isolated(name: str, quick: bool, budget: int, epochs: int, fraction: flo
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"full run at {budget} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+def child_user_run(name: str, epochs: int, fraction: float) -> dict[str, Any]:
+    """:func:`user_run` in a fresh process (the allocator as the environment starts it)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-user-run", name, str(epochs), str(fraction)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"user run failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT ") :])
 
 
@@ -364,6 +440,10 @@ def checkpointing(name: str, args: argparse.Namespace, found: dict[str, Any]) ->
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    if args.only_user_run:
+        user = child_user_run(name, args.verify_epochs or 3, args.fraction)
+        print(f"  {name} user run: {json.dumps({k: v for k, v in user.items() if k != 'per_step'})}", flush=True)
+        return {"model": name, "user_run": user}
     print(f"{name}: finder...", flush=True)
     found = find(name, args)
     print(f"  {name} finder: max_tokens={found['max_tokens']} in {found['seconds']:.1f} s", flush=True)
@@ -371,6 +451,9 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.verify_epochs:
         verify = row["verify"] = run_isolated(name, args.quick, found["max_tokens"], args.verify_epochs)
         print(f"  {name} verify: {json.dumps(verify)}", flush=True)
+    if args.user_run:
+        row["user_run"] = user = child_user_run(name, args.verify_epochs or 3, args.fraction)
+        print(f"  {name} user run: {json.dumps({k: v for k, v in user.items() if k != 'per_step'})}", flush=True)
     if not args.no_reference:
         row["by_hand"] = by_hand(name, args, found["max_tokens"], found["multiple"])
     if args.checkpointing and name == "bert-bucket":
@@ -382,6 +465,8 @@ def report(result: dict[str, Any]) -> str:
     lines = [result["header"], ""]
     rows = []
     for r in result["rows"]:
+        if "finder" not in r:
+            continue
         found, hand, verify = r["finder"], r.get("by_hand"), r.get("verify")
         best = hand["max_tokens"] if hand else None
         ratio = found["max_tokens"] / best if best else float("nan")
@@ -424,8 +509,42 @@ def report(result: dict[str, Any]) -> str:
             f"({larger['max_tokens'] / r['finder']['max_tokens']:.2f}x the finder's without)"
         )
     for r in result["rows"]:
-        probes = ", ".join(f"{b}: {'OOM' if p is None else _fmt(p, result)}" for b, p in r["finder"]["probes"])
-        lines.append(f"\n{r['model']} probes (limit {_fmt(r['finder']['limit'], result)}): {probes}")
+        if "finder" in r:
+            probes = ", ".join(f"{b}: {'OOM' if p is None else _fmt(p, result)}" for b, p in r["finder"]["probes"])
+            lines.append(f"\n{r['model']} probes (limit {_fmt(r['finder']['limit'], result)}): {probes}")
+    users = [(r["model"], r["user_run"]) for r in result["rows"] if "user_run" in r]
+    if users:
+        lines.append("\nThe user's run: one fit, TokenBudgetFinder() then training at its budget (fresh process):\n")
+        table = []
+        for model, u in users:
+            worst = u["worst_step"] or {}
+            table.append(
+                [
+                    model,
+                    u["max_tokens"],
+                    "ok" if u["ok"] else f"OUT OF MEMORY: {u['error']}",
+                    f"{u['steps']} steps, {u['epochs']} epochs",
+                    f"{u['expandable_before']} -> {u['expandable_after']} ({u['expandable_segments']}/{u['segments']})",
+                    u["limit_gib"],
+                    u["probe_peak_gib"],
+                    u["peak_allocated_gib"],
+                    u["peak_reserved_gib"],
+                    f"{worst.get('shape')}",
+                ]
+            )
+        header = [
+            "model",
+            "max_tokens",
+            "result",
+            "trained",
+            "expandable segments before -> after (segments)",
+            "limit GiB",
+            "probe peak GiB",
+            "training peak allocated GiB",
+            "reserved GiB",
+            "worst step's batch",
+        ]
+        lines.append(markdown_table(header, table))
     return "\n".join(lines)
 
 
@@ -452,11 +571,18 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="checkpointing to a memory target (bert-bucket)")
     parser.add_argument("--checkpoint-factor", type=float, default=1.6, help="its budget, times the finder's")
     parser.add_argument("--timed-steps", type=int, default=10, help="timed steps of each checkpointing run")
+    parser.add_argument(
+        "--user-run",
+        action="store_true",
+        help="also one fit with the finder that trains --verify-epochs epochs (fresh process, the user's way)",
+    )
+    parser.add_argument("--only-user-run", action="store_true", help="the user run alone (no finder row, no bisection)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--report-from", default=None, help="print the report of a saved JSON and exit")
     parser.add_argument(
         "--child-run", nargs=4, metavar=("MODEL", "MAX_TOKENS", "EPOCHS", "FRACTION"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--child-user-run", nargs=3, metavar=("MODEL", "EPOCHS", "FRACTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.report_from:
         print(report(json.loads(Path(args.report_from).read_text())))
@@ -464,6 +590,10 @@ def main() -> None:
     if args.child_run:
         name, budget, epochs, fraction = args.child_run
         print("RESULT " + json.dumps(full_run(name, False, int(budget), int(epochs), float(fraction))), flush=True)
+        return
+    if args.child_user_run:
+        name, epochs, fraction = args.child_user_run
+        print("RESULT " + json.dumps(user_run(name, int(epochs), float(fraction))), flush=True)
         return
     global PEAK, CAP
     PEAK, CAP = args.peak, not args.no_cap
@@ -483,7 +613,7 @@ def main() -> None:
             f"{args.verify_epochs} epochs at the found budget on the whole device; {environment()}; "
             f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r}"
         ),
-        "settings": {k: v for k, v in vars(args).items() if k != "child_run"},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("child_")},
         "rows": [measure(name, args) for name in args.only],
     }
     write_outputs(result, report(result), args.json, None, lambda *a: None)

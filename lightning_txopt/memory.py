@@ -28,6 +28,7 @@ __all__ = [
     "SavedTensorsMemory",
     "checkpointing_candidates",
     "choose_checkpointing",
+    "enable_expandable_segments",
     "explain_out_of_memory",
     "expandable_segments_enabled",
     "explaining_out_of_memory",
@@ -403,19 +404,68 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def expandable_segments_enabled() -> bool:
-    """Whether ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) turns on CUDA's expandable segments.
+def _allocator_options(conf: str) -> dict[str, str]:
+    return dict(part.split(":", 1) for part in conf.replace(" ", "").split(",") if ":" in part)
 
-    Read from the environment, where the allocator reads it when the process starts.
+
+def _live_allocator_settings() -> str | None:
+    """The allocator's settings string as torch holds it now (``None`` on a torch that cannot report it).
+
+    The one read of it: ``torch._C._accelerator_getAllocatorSettings`` (torch >= 2.9; no public function exists).
+    It returns the settings of the environment at start, or the last ones set at run time; a test fails if it moves.
+    """
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return None if getter is None else str(getter())
+
+
+def _set_allocator_settings(conf: str) -> None:
+    """Apply allocator settings at run time; the one write of them.
+
+    ``torch._C._accelerator_setAllocatorSettings`` (torch >= 2.9), else ``torch.cuda.memory._set_allocator_settings``
+    (older torch); no public function exists. A test fails if both move.
+    """
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # pragma: no cover - torch < 2.9
+        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None:  # pragma: no cover
+        raise RuntimeError(
+            f"This torch ({torch.__version__}) cannot change allocator settings at run time: start the process with "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True instead."
+        )
+    setter(conf)
+
+
+def expandable_segments_enabled() -> bool:
+    """Whether CUDA's allocator creates expandable segments in this process.
+
+    The allocator's live settings: those of ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) as the process
+    started, or the last applied since (:func:`enable_expandable_segments`). On a torch that cannot report them, the
+    environment.
 
     Example:
         >>> import os
         >>> os.environ.get("PYTORCH_CUDA_ALLOC_CONF") is None and expandable_segments_enabled()
         False
     """
-    conf = ",".join(os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
-    options = dict(part.split(":", 1) for part in conf.replace(" ", "").split(",") if ":" in part)
-    return options.get("expandable_segments", "").lower() == "true"
+    conf = _live_allocator_settings()
+    if conf is None:
+        conf = ",".join(os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    return _allocator_options(conf).get("expandable_segments", "").lower() == "true"
+
+
+def enable_expandable_segments() -> bool:
+    """Turn on CUDA's expandable segments for the rest of the process; ``False`` if they were on already.
+
+    Segments the allocator creates from now on grow in place instead of being new blocks of fixed size, so a cache
+    serving batches of many shapes stays within a few percent of what is allocated; memory already reserved keeps
+    its segments. The same as starting the process with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, which
+    is the better place to set it (it then covers the model's weights too). The probing callbacks call it through
+    :meth:`CudaMemory.prepare`.
+    """
+    if expandable_segments_enabled():
+        return False
+    _set_allocator_settings("expandable_segments:True")
+    return True
 
 
 def _memory_fraction(device: torch.device) -> float:
@@ -481,6 +531,13 @@ class DeviceMemory:
         """Whether ``error`` means the probe ran out of memory (default: :func:`is_out_of_memory`)."""
         return is_out_of_memory(error)
 
+    def prepare(self, device: torch.device) -> str | None:
+        """Set up ``device`` for measurements that hold in training; what was changed, for the log (default: none).
+
+        Called by the probing callbacks in ``setup``, before the model moves to the device.
+        """
+        return None
+
     def advice(self) -> str | None:
         """A warning for the user about what the measurement cannot cover here (default: none)."""
         return None
@@ -513,26 +570,45 @@ class CudaMemory(DeviceMemory):
     probe: the cache emptied) resets them once more, so that a peak read after training is the run's, not the
     probes'.
 
+    **Expandable segments.** A budget that fits the probes fits training only if the allocator's cache does not
+    fragment over the many steps of different shapes that follow, which the default allocator does: on an H200 a
+    Llama-shape model with a 128k vocabulary held 116.9 GiB and reserved 138.2 GiB at its third step, and ran out
+    of memory at the budget its probes fitted in 0.9 of the device. With expandable segments the three measured
+    models (BERT-base bucketed and packed, that Llama shape) trained 3 epochs at their found budgets, reserving
+    0.9-4.1% more than they allocated. So :meth:`prepare` (``expandable_segments=True``, the default) turns them on
+    for the rest of the process when they are off (:func:`enable_expandable_segments`, logged), in the probing
+    callbacks' ``setup``.
+    Starting the process with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` does the same and covers the
+    weights too. ``expandable_segments=False`` leaves the allocator as it is, with a warning (:meth:`advice`).
+
     Args:
         peak: ``"allocated"`` or ``"reserved"``: the counter a probe reports.
         enforce_limit: Run each probe on an allocator capped at the limit.
+        expandable_segments: Turn on CUDA's expandable segments in :meth:`prepare` when they are off.
 
     Raises:
-        ValueError: On another ``peak``, or an ``enforce_limit`` that is not a bool.
+        ValueError: On another ``peak``, or an ``enforce_limit`` or ``expandable_segments`` that is not a bool.
 
     Example:
         >>> memory = CudaMemory()
-        >>> memory.peak_kind, memory.enforce_limit
-        ('allocated', True)
+        >>> memory.peak_kind, memory.enforce_limit, memory.expandable_segments
+        ('allocated', True, True)
     """
 
-    def __init__(self, peak: Literal["reserved", "allocated"] = "allocated", enforce_limit: bool = True) -> None:
+    def __init__(
+        self,
+        peak: Literal["reserved", "allocated"] = "allocated",
+        enforce_limit: bool = True,
+        expandable_segments: bool = True,
+    ) -> None:
         if peak not in ("reserved", "allocated"):
             raise ValueError(f"`peak` must be 'reserved' or 'allocated', got {peak!r}.")
-        if not isinstance(enforce_limit, bool):
-            raise ValueError(f"`enforce_limit` must be a bool, got {enforce_limit!r}.")
+        for name, value in (("enforce_limit", enforce_limit), ("expandable_segments", expandable_segments)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be a bool, got {value!r}.")
         self.peak_kind = peak
         self.enforce_limit = enforce_limit
+        self.expandable_segments = expandable_segments
 
     def check(self, device: torch.device) -> None:
         """Raise unless ``device`` is a CUDA device.
@@ -558,6 +634,17 @@ class CudaMemory(DeviceMemory):
             return int(torch.cuda.memory_reserved(device))
         return int(torch.cuda.memory_allocated(device))
 
+    def prepare(self, device: torch.device) -> str | None:
+        """On a CUDA device, turn on expandable segments if they are off (with ``expandable_segments``)."""
+        if device.type != "cuda" or not self.expandable_segments or not enable_expandable_segments():
+            return None
+        return (
+            "turned on CUDA's expandable segments for the rest of this process, so that the allocator's cache does "
+            "not fragment past the found budget over training's many batch shapes (CudaMemory explains it). Start "
+            "the process with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to set it yourself (it then covers "
+            "the weights too), or pass memory=CudaMemory(expandable_segments=False) to keep the allocator as it is."
+        )
+
     def advice(self) -> str | None:
         """Without expandable segments, a warning: fragmentation over many steps can exceed the margin."""
         if expandable_segments_enabled():
@@ -566,9 +653,9 @@ class CudaMemory(DeviceMemory):
             "CUDA's allocator runs without expandable segments: over many steps of different shapes its cache can "
             "fragment beyond what the probes meet and beyond the margin 1 - max_memory_fraction (measured on an "
             "H200: a Llama-shape model with a 128k vocabulary held 116.9 GiB and reserved 138.2 GiB at its third "
-            "step, and ran out of memory at the budget its probes fitted in 0.9 of the device). Start the process "
-            "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (reserved stays within a few percent of "
-            "allocated), or lower max_memory_fraction."
+            "step, and ran out of memory at the budget its probes fitted in 0.9 of the device). Keep "
+            "CudaMemory(expandable_segments=True) (the default), start the process with "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, or lower max_memory_fraction."
         )
 
     @contextlib.contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import pickle
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,12 +15,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_txopt import memory as memory_module
 from lightning_txopt.callbacks import enable_gradient_checkpointing
 from lightning_txopt.memory import (
     CudaMemory,
     SavedTensorsMemory,
     checkpointing_candidates,
     choose_checkpointing,
+    enable_expandable_segments,
     expandable_segments_enabled,
     explain_out_of_memory,
     explaining_out_of_memory,
@@ -468,6 +471,26 @@ def test_a_reader_without_a_cap_runs_the_block_unchanged():
     assert x.sum() == 1000
 
 
+@pytest.fixture
+def allocator_settings_restored() -> Iterator[None]:
+    """The allocator's settings are process-wide: put expandable segments back as they were."""
+    before = expandable_segments_enabled()
+    yield
+    memory_module._set_allocator_settings(f"expandable_segments:{before}")
+
+
+def test_the_allocator_settings_are_read_and_written_at_run_time(allocator_settings_restored):
+    """The one read and the one write of torch's live allocator settings (no public function exists): if torch
+    moves them, this fails, and with it every probe's guard against fragmentation."""
+    assert memory_module._live_allocator_settings() is not None, "torch._C._accelerator_getAllocatorSettings moved"
+    memory_module._set_allocator_settings("expandable_segments:False")
+    assert memory_module._live_allocator_settings() == "expandable_segments:False"
+    assert not expandable_segments_enabled()
+    assert enable_expandable_segments() is True
+    assert expandable_segments_enabled()
+    assert enable_expandable_segments() is False  # already on: nothing changed
+
+
 @pytest.mark.parametrize(
     "env, on",
     [
@@ -478,7 +501,8 @@ def test_a_reader_without_a_cap_runs_the_block_unchanged():
         ({"PYTORCH_ALLOC_CONF": "expandable_segments:True"}, True),
     ],
 )
-def test_expandable_segments_are_read_from_the_environment(monkeypatch, env, on):
+def test_expandable_segments_from_the_environment_where_torch_cannot_report_them(monkeypatch, env, on):
+    monkeypatch.setattr(memory_module, "_live_allocator_settings", lambda: None)
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -489,6 +513,37 @@ def test_expandable_segments_are_read_from_the_environment(monkeypatch, env, on)
     if advice is not None:
         assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in advice and "max_memory_fraction" in advice
     assert SavedTensorsMemory(10).advice() is None  # an estimate has nothing to warn about
+
+
+@pytest.mark.parametrize(
+    ("live", "on"),
+    [("", False), ("expandable_segments:True", True), ("max_split_size_mb:128,expandable_segments:True", True)],
+)
+def test_the_live_settings_win_over_the_environment(monkeypatch, live, on):
+    """The allocator read the environment when the process started; a variable set later changes nothing."""
+    monkeypatch.setattr(memory_module, "_live_allocator_settings", lambda: live)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False" if on else "expandable_segments:True")
+    assert expandable_segments_enabled() is on
+
+
+def test_cuda_memory_turns_on_expandable_segments_in_prepare(allocator_settings_restored):
+    memory_module._set_allocator_settings("expandable_segments:False")
+    assert CudaMemory().prepare(torch.device("cpu")) is None  # not a CUDA device: nothing to set
+    assert CudaMemory(expandable_segments=False).prepare(torch.device("cuda", 0)) is None
+    assert CudaMemory(expandable_segments=False).advice() is not None  # left as it is: the warning
+    assert not expandable_segments_enabled()
+    changed = CudaMemory().prepare(torch.device("cuda", 0))
+    assert changed is not None and expandable_segments_enabled()
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in changed
+    assert "CudaMemory(expandable_segments=False)" in changed
+    assert CudaMemory().advice() is None
+    assert CudaMemory().prepare(torch.device("cuda", 0)) is None  # on already: nothing more to log
+    assert SavedTensorsMemory(10).prepare(torch.device("cpu")) is None
+
+
+def test_cuda_memory_checks_expandable_segments_argument():
+    with pytest.raises(ValueError, match="expandable_segments"):
+        CudaMemory(expandable_segments="yes")  # type: ignore[arg-type]
 
 
 @settings(max_examples=60, deadline=None)

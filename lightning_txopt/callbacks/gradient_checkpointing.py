@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from lightning_txopt.memory import CheckpointingChoice, DeviceMemory
+from lightning_txopt.memory import CheckpointingChoice, CudaMemory, DeviceMemory
 from lightning_txopt.utils.blocks import BlockList, disable_kv_cache, find_block_lists
 from lightning_txopt.utils.checks import check_positive_int
 from lightning_txopt.utils.sharding import checkpoint_wrapper_type, clean_name
@@ -451,6 +451,11 @@ class GradientCheckpointing(Callback):
             return
         if self.every_n_layers != "auto":
             self._enable(pl_module, self.every_n_layers)
+            return
+        memory = self.memory if self.memory is not None else CudaMemory()
+        changed = memory.prepare(trainer.strategy.root_device)  # before the model moves to the device
+        if changed is not None:
+            rank_zero_info(f"GradientCheckpointing(every_n_layers='auto'): {changed}")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -527,6 +527,9 @@ class TokenBudgetFinder(Callback):
         if not pl_module.automatic_optimization:
             raise ValueError("TokenBudgetFinder probes automatic optimisation; set max_tokens by hand instead.")
         _check_datamodule(trainer, "TokenBudgetFinder")
+        changed = self.memory.prepare(trainer.strategy.root_device)  # a saved budget needs it as much as a new one
+        if changed is not None:
+            rank_zero_info(f"TokenBudgetFinder: {changed}")
 
     def _bounds(self, datamodule: Any) -> tuple[int, int, int | None]:
         base = int(datamodule.token_budget_multiple)
@@ -692,6 +695,9 @@ def fit_checkpointing(
         )
     memory = memory if memory is not None else CudaMemory()
     memory.check(pl_module.device)
+    changed = memory.prepare(pl_module.device)
+    if changed is not None:
+        rank_zero_info(f"Checkpointing to a memory target: {changed}")
     advice = memory.advice()
     if advice is not None:
         rank_zero_warn(f"Checkpointing to a memory target: {advice}")

@@ -212,6 +212,31 @@ def test_needs_cuda_by_default():
         cpu_trainer(max_steps=1, callbacks=[TokenBudgetFinder()]).fit(module(), datamodule=BudgetDataModule(SAMPLES))
 
 
+class _Preparing(SavedTensorsMemory):
+    """Records :meth:`prepare` calls and says it changed something."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.prepared: list[torch.device] = []
+
+    def prepare(self, device: torch.device) -> str | None:
+        self.prepared.append(device)
+        return "prepared the device"
+
+
+def test_setup_prepares_the_device_before_probing_and_logs_it(caplog):
+    """CudaMemory.prepare turns on expandable segments there (tests/test_memory.py); the finder calls it in setup,
+    before the model moves to the device, and logs what changed; so does a resumed run (a saved budget)."""
+    memory = _Preparing(CAPACITY)
+    f = finder(memory=memory)
+    with caplog.at_level("INFO", logger="lightning_txopt"):
+        _fit([f], BudgetDataModule(SAMPLES), steps=1)
+    assert memory.prepared == [torch.device("cpu")]
+    assert "TokenBudgetFinder: prepared the device" in caplog.text
+    _fit([f], BudgetDataModule(SAMPLES), steps=1)  # the budget is kept: no probe, but prepared again
+    assert len(memory.prepared) == 2
+
+
 def test_nothing_fits():
     with pytest.raises(RuntimeError, match="even min_tokens=40"):
         cpu_trainer(max_steps=1, callbacks=[finder(memory=SavedTensorsMemory(10_000))]).fit(
@@ -556,6 +581,21 @@ def test_checkpointing_to_a_budget_resumes_with_its_choice_without_probing(tmp_p
     resumed = cpu_trainer(max_steps=3, callbacks=[again])
     resumed.fit(_deep(), datamodule=BudgetDataModule(SAMPLES, budget), ckpt_path=str(tmp_path / "step=2.ckpt"))
     assert again.chosen == 0 and again.choice is None  # the saved choice, no probe
+
+
+def test_checkpointing_to_a_budget_prepares_the_device_in_setup(caplog):
+    """As the finder: the memory reader prepares the device (CudaMemory: expandable segments) before the probes."""
+
+    class Ordered(_Preparing):
+        def tracking(self, device: torch.device) -> Any:
+            assert self.prepared, "probed before prepare()"
+            return super().tracking(device)
+
+    memory = Ordered(10**12)
+    with caplog.at_level("INFO", logger="lightning_txopt"):
+        _fit([_AutoCheckpointing(memory)], BudgetDataModule(SAMPLES, 320), steps=1, model=_deep())
+    assert memory.prepared and set(memory.prepared) == {torch.device("cpu")}
+    assert "GradientCheckpointing(every_n_layers='auto'): prepared the device" in caplog.text
 
 
 def test_checkpointing_needs_a_fixed_budget():
