@@ -18,9 +18,9 @@ For each model:
 2. **by hand**: bisection by full runs, each a fresh process training ``--reference-epochs`` epochs of the corpus at
    a candidate budget (out of memory or not), from the finder's budget up by x1.25 until a run fails, then halving
    the gap to 1% (what a user would do by hand, automated). Each run trains on a device of the finder's limit:
-   its allocator capped at ``--hand-fraction`` (default ``--fraction``) of the memory the process can use
-   (``torch.cuda.set_per_process_memory_fraction``), so that both searches aim at the same memory and the ratio
-   measures the finder, not the margin; ``--hand-fraction 1`` bisects on the whole device;
+   its allocator capped at the finder's limit in bytes (``torch.cuda.set_per_process_memory_fraction``; with
+   ``--hand-fraction``, at that share of the memory the process can use), so that both searches aim at the same
+   memory and the ratio measures the finder, not the margin; ``--hand-fraction 1`` bisects on the whole device;
 3. **verify**: a fresh process training ``--verify-epochs`` epochs at the found budget on the whole device (no
    cap): it must not run out of memory; its peak allocated and reserved memory.
 
@@ -171,16 +171,19 @@ class _Peaks(Callback):
             self.peak = max(self.peak, self.estimate.peak(torch.device("cpu")))
 
 
-def full_run(name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0) -> dict[str, Any]:
-    """Train ``epochs`` epochs at ``budget`` (this process) on ``fraction`` of the device: out of memory or not, the
-    peaks, the time. The device is capped as the finder's probes are (``CudaMemory().limited``)."""
+def full_run(
+    name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0, limit_bytes: float | None = None
+) -> dict[str, Any]:
+    """Train ``epochs`` epochs at ``budget`` (this process) on ``fraction`` of the device (or on ``limit_bytes``):
+    out of memory or not, the peaks, the time. The device is capped as the finder's probes are
+    (``CudaMemory().limited``)."""
     torch.manual_seed(0)
     limit: float | None = None
     capped: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if not quick:
         cuda = torch.device("cuda", torch.cuda.current_device())
-        limit = fraction * CudaMemory().capacity(cuda)
-        capped = CudaMemory(enforce_limit=fraction < 1).limited(cuda, limit)
+        limit = limit_bytes if limit_bytes else fraction * CudaMemory().capacity(cuda)
+        capped = CudaMemory(enforce_limit=fraction < 1 or bool(limit_bytes)).limited(cuda, limit)
     peaks = _Peaks(quick, fraction)
     start = time.perf_counter()
     error = None
@@ -276,12 +279,15 @@ def user_run(name: str, epochs: int, fraction: float) -> dict[str, Any]:
     }
 
 
-def run_isolated(name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0) -> dict[str, Any]:
+def run_isolated(
+    name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0, limit_bytes: float | None = None
+) -> dict[str, Any]:
     """:func:`full_run` in a fresh process on the GPU (an out-of-memory run leaves nothing behind); in-process with
     ``--quick``."""
     if quick:
         return full_run(name, quick, budget, epochs, fraction)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", name, str(budget), str(epochs), str(fraction)]
+    args = [name, str(budget), str(epochs), str(fraction), str(limit_bytes or 0)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -322,13 +328,20 @@ def find(name: str, args: argparse.Namespace, extra: list[Callback] | None = Non
     }
 
 
-def by_hand(name: str, args: argparse.Namespace, start: int, multiple: int) -> dict[str, Any]:
+def by_hand(
+    name: str, args: argparse.Namespace, start: int, multiple: int, limit: float | None = None
+) -> dict[str, Any]:
     """Bisection by full runs: up by x1.25 from ``start`` until a run fails (down by x0.8 if ``start`` fails), then
-    halve the gap down to 1% (at least one ``multiple``)."""
+    halve the gap down to 1% (at least one ``multiple``); on ``limit`` bytes (the finder's) where given."""
     runs: list[dict[str, Any]] = []
 
     def ok(budget: int) -> bool:
-        result = run_isolated(name, args.quick, budget, args.reference_epochs, args.hand_fraction)
+        # on the finder's own limit in bytes where it aims at the same share: this process's CUDA context takes
+        # memory from the child's (0.7 GiB on an H200), so the same fraction would be a smaller device there
+        same = args.hand_fraction == args.fraction and not args.quick and limit is not None
+        result = run_isolated(
+            name, args.quick, budget, args.reference_epochs, args.hand_fraction, limit if same else None
+        )
         runs.append(result)
         print(f"  {name} by hand: {budget} tokens -> {'ok' if result['ok'] else 'out of memory'}", flush=True)
         return bool(result["ok"])
@@ -455,7 +468,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["user_run"] = user = child_user_run(name, args.verify_epochs or 3, args.fraction)
         print(f"  {name} user run: {json.dumps({k: v for k, v in user.items() if k != 'per_step'})}", flush=True)
     if not args.no_reference:
-        row["by_hand"] = by_hand(name, args, found["max_tokens"], found["multiple"])
+        row["by_hand"] = by_hand(name, args, found["max_tokens"], found["multiple"], found["limit"])
     if args.checkpointing and name == "bert-bucket":
         row["checkpointing"] = checkpointing(name, args, found)
     return row
@@ -580,7 +593,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--report-from", default=None, help="print the report of a saved JSON and exit")
     parser.add_argument(
-        "--child-run", nargs=4, metavar=("MODEL", "MAX_TOKENS", "EPOCHS", "FRACTION"), help=argparse.SUPPRESS
+        "--child-run", nargs=5, metavar=("MODEL", "MAX_TOKENS", "EPOCHS", "FRACTION", "LIMIT"), help=argparse.SUPPRESS
     )
     parser.add_argument("--child-user-run", nargs=3, metavar=("MODEL", "EPOCHS", "FRACTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -588,8 +601,9 @@ def main() -> None:
         print(report(json.loads(Path(args.report_from).read_text())))
         return
     if args.child_run:
-        name, budget, epochs, fraction = args.child_run
-        print("RESULT " + json.dumps(full_run(name, False, int(budget), int(epochs), float(fraction))), flush=True)
+        name, budget, epochs, fraction, limit = args.child_run
+        result = full_run(name, False, int(budget), int(epochs), float(fraction), float(limit) or None)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if args.child_user_run:
         name, epochs, fraction = args.child_user_run

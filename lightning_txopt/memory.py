@@ -408,11 +408,15 @@ def _allocator_options(conf: str) -> dict[str, str]:
     return dict(part.split(":", 1) for part in conf.replace(" ", "").split(",") if ":" in part)
 
 
+_APPLIED: list[str] = []  # settings applied at run time by _set_allocator_settings, in order
+
+
 def _live_allocator_settings() -> str | None:
     """The allocator's settings string as torch holds it now (``None`` on a torch that cannot report it).
 
-    The one read of it: ``torch._C._accelerator_getAllocatorSettings`` (torch >= 2.9; no public function exists).
-    It returns the settings of the environment at start, or the last ones set at run time; a test fails if it moves.
+    The one read of it: ``torch._C._accelerator_getAllocatorSettings`` (torch 2.13; torch 2.11 lacks it; no public
+    function exists). It returns the settings of the environment at start, or the last ones set at run time; a
+    test fails if it moves.
     """
     getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     return None if getter is None else str(getter())
@@ -422,7 +426,8 @@ def _set_allocator_settings(conf: str) -> None:
     """Apply allocator settings at run time; the one write of them.
 
     ``torch._C._accelerator_setAllocatorSettings`` (torch >= 2.9), else ``torch.cuda.memory._set_allocator_settings``
-    (older torch); no public function exists. A test fails if both move.
+    (older torch); no public function exists. A test fails if both move. Recorded for
+    :func:`expandable_segments_enabled` where torch cannot report its settings.
     """
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if setter is None:  # pragma: no cover - torch < 2.9
@@ -433,14 +438,15 @@ def _set_allocator_settings(conf: str) -> None:
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True instead."
         )
     setter(conf)
+    _APPLIED.append(conf)
 
 
 def expandable_segments_enabled() -> bool:
     """Whether CUDA's allocator creates expandable segments in this process.
 
     The allocator's live settings: those of ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) as the process
-    started, or the last applied since (:func:`enable_expandable_segments`). On a torch that cannot report them, the
-    environment.
+    started, or the last applied since (:func:`enable_expandable_segments`). On a torch that cannot report them
+    (2.11), the environment with the settings applied since.
 
     Example:
         >>> import os
@@ -450,6 +456,7 @@ def expandable_segments_enabled() -> bool:
     conf = _live_allocator_settings()
     if conf is None:
         conf = ",".join(os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+        conf = ",".join([conf, *_APPLIED])  # later entries win
     return _allocator_options(conf).get("expandable_segments", "").lower() == "true"
 
 

@@ -503,6 +503,7 @@ def test_the_allocator_settings_are_read_and_written_at_run_time(allocator_setti
 )
 def test_expandable_segments_from_the_environment_where_torch_cannot_report_them(monkeypatch, env, on):
     monkeypatch.setattr(memory_module, "_live_allocator_settings", lambda: None)
+    monkeypatch.setattr(memory_module, "_APPLIED", [])
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -513,6 +514,19 @@ def test_expandable_segments_from_the_environment_where_torch_cannot_report_them
     if advice is not None:
         assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in advice and "max_memory_fraction" in advice
     assert SavedTensorsMemory(10).advice() is None  # an estimate has nothing to warn about
+
+
+def test_settings_applied_at_run_time_count_where_torch_cannot_report_them(monkeypatch, allocator_settings_restored):
+    """torch 2.11 has the setter but no getter: what was applied since start is remembered."""
+    monkeypatch.setattr(memory_module, "_live_allocator_settings", lambda: None)
+    monkeypatch.setattr(memory_module, "_APPLIED", [])
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert not expandable_segments_enabled()
+    assert enable_expandable_segments() is True and expandable_segments_enabled()
+    assert enable_expandable_segments() is False
+    memory_module._set_allocator_settings("expandable_segments:False")
+    assert not expandable_segments_enabled()
 
 
 @pytest.mark.parametrize(

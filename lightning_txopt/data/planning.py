@@ -41,6 +41,7 @@ __all__ = [
     "group_rows",
     "next_fit_rows",
     "plan_epoch",
+    "worst_case_batches",
 ]
 
 
@@ -569,3 +570,40 @@ def plan_epoch(
         skipped=np.sort(skipped),
         repeated=repeated,
     )
+
+
+def worst_case_batches(rows: npt.ArrayLike, widths: npt.ArrayLike) -> list[int]:
+    """Indices of the batches whose shapes can need the most memory.
+
+    The widest, the one with the most rows, and the batches on the upper hull of ``(rows x width, rows x width**2)``
+    (padded tokens, and the attention term). A step's memory is modelled as ``a * rows * width + b * rows *
+    width**2`` (plus what does not depend on the batch) with unknown ``a, b >= 0``. The batch with the most memory
+    under any such weighting is a vertex of the convex hull of those points on its chain from the most padded
+    tokens to the largest attention term, which is what is returned (exactly; a tie keeps the first batch). Order:
+    the widest, the fullest, then the chain; no index twice.
+
+    Example:
+        >>> worst_case_batches([100, 30, 12, 4], [8, 30, 80, 200])  # tokens 800, 900, 960, 800
+        [3, 0, 2]
+    """
+    n_rows = np.asarray(rows, dtype=np.float64)
+    width = np.asarray(widths, dtype=np.float64)
+    if n_rows.shape != width.shape or n_rows.ndim != 1 or not len(n_rows):
+        raise ValueError(f"rows and widths must be 1-D arrays of one length > 0, got {n_rows.shape} and {width.shape}.")
+    x = n_rows * width
+    y = x * width
+    picks = [int(np.argmax(width)), int(np.argmax(n_rows))]
+    # the start: the most tokens (ties: the largest attention term); the end: the largest attention term
+    current = int(np.lexsort((-np.arange(len(x)), y, x))[-1])
+    end_y = y.max()
+    picks.append(current)
+    while y[current] < end_y:
+        dy = y - y[current]
+        above = dy > 0
+        # the next vertex loses the least tokens per unit of attention term (ties: the farthest)
+        slope = np.where(above, (x - x[current]) / np.where(above, dy, 1.0), -np.inf)
+        best = slope.max()
+        candidates = np.flatnonzero(slope == best)
+        current = int(candidates[np.argmax(dy[candidates])])
+        picks.append(current)
+    return list(dict.fromkeys(picks))

@@ -224,3 +224,25 @@ def test_ddp_two_processes_equal_counts_and_coverage(tmp_path):
         assert (costs.max(0) / costs.min(0)).mean() <= 1.25
     val = sorted(i for r in records for i in r["val"])
     assert val == sorted(list(range(30)) * 2)  # each validation sample once per epoch over both ranks
+
+
+def test_probe_batches_hold_the_worst_shapes_of_the_epoch():
+    """Against the training loader's own batches at that budget: the widest, the fullest, and for every weighting
+    of padded tokens and the attention term (rows x width**2) a batch at least as costly as the loader's worst."""
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(2, 12, 300), rng.integers(40, 90, 40), rng.integers(150, 200, 6)])
+    samples = [{"input_ids": [1] * int(n), "labels": int(n) % 2} for n in lengths]
+    dm = BucketDataModule(samples, pad_token_id=0, max_tokens=1024, seed=0)
+    dm.setup("fit")
+    probes = [tuple(b["input_ids"].shape) for b in dm.probe_batches(1024)]
+    loader = [tuple(b["input_ids"].shape) for b in dm.train_dataloader()]
+    assert len(probes) == len(set(probes)) >= 3 and set(probes) <= set(loader)
+    assert max(w for _, w in probes) == max(w for _, w in loader)
+    assert max(r for r, _ in probes) == max(r for r, _ in loader)
+
+    def cost(shape: tuple[int, ...], a: float) -> float:
+        rows, width = shape
+        return (1 - a) * rows * width / 1024 + a * rows * width**2 / (1024 * 200)
+
+    for a in np.linspace(0, 1, 21):
+        assert max(cost(s, a) for s in probes) >= max(cost(s, a) for s in loader) * (1 - 1e-12)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_txopt.data.planning import best_fit_decreasing, group_rows, next_fit_rows, plan_epoch
+from lightning_txopt.data.planning import best_fit_decreasing, group_rows, next_fit_rows, plan_epoch, worst_case_batches
 from lightning_txopt.data.report import padding_report
 
 FORTUNES = Path(__file__).parent / "fortune_lengths.npy"
@@ -146,3 +146,37 @@ def test_packed_batches_hold_about_the_mean_number_of_samples_and_next_fit_recov
     )
     with pytest.raises(ValueError, match=r"max_samples.*pack_length"):
         plan_epoch(lengths, max_tokens=16384, max_samples=300)
+
+
+# ---------------------------------------------------------------------------------------------- worst-case batches
+@settings(max_examples=200, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 5000), st.integers(1, 1024)), min_size=1, max_size=40),
+    a=st.floats(0, 1),
+    b=st.floats(0, 1),
+)
+def test_worst_case_batches_hold_the_worst_batch_of_every_weighting(shapes, a, b):
+    """Against brute force: for any a, b >= 0, the batch maximising a * rows * width + b * rows * width**2 is
+    matched by one of the chosen batches; the widest and the fullest are chosen too."""
+    rows = np.array([r for r, _ in shapes])
+    widths = np.array([w for _, w in shapes])
+    chosen = worst_case_batches(rows, widths)
+    assert len(chosen) == len(set(chosen)) and all(0 <= i < len(shapes) for i in chosen)
+    assert chosen[0] == int(np.argmax(widths)) and int(np.argmax(rows)) in chosen
+    tokens = rows.astype(np.float64) * widths
+    cost = a * tokens / tokens.max() + b * tokens * widths / (tokens * widths).max()
+    assert max(cost[i] for i in chosen) >= cost.max() * (1 - 1e-12)
+
+
+def test_worst_case_batches_on_the_measured_plan():
+    """The BERT-base plan at 323,136 tokens (H200, docs/results/token_budget_h200.md): the batch that needed the
+    most memory (1,335 x 242) has neither the most padded tokens (9,232 x 35) nor the most width (199 x 512)."""
+    rows, widths = np.array([199, 9232, 1335, 3630]), np.array([512, 35, 242, 88])
+    assert worst_case_batches(rows, widths) == [0, 1, 2]
+
+
+def test_worst_case_batches_checks_its_input():
+    with pytest.raises(ValueError, match="one length"):
+        worst_case_batches([1, 2], [3])
+    with pytest.raises(ValueError, match="one length"):
+        worst_case_batches([], [])
