@@ -602,8 +602,8 @@ def main() -> None:
         return
     if args.child_run:
         name, budget, epochs, fraction, limit = args.child_run
-        result = full_run(name, False, int(budget), int(epochs), float(fraction), float(limit) or None)
-        print("RESULT " + json.dumps(result), flush=True)
+        run = full_run(name, False, int(budget), int(epochs), float(fraction), float(limit) or None)
+        print("RESULT " + json.dumps(run), flush=True)
         return
     if args.child_user_run:
         name, epochs, fraction = args.child_user_run
