@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_txopt.data.collator import PaddingCollator
 from lightning_txopt.data.lengths import compute_lengths
 from lightning_txopt.data.packing import PackingCollator
-from lightning_txopt.data.planning import OversizePolicy, worst_case_batches
+from lightning_txopt.data.planning import OversizePolicy, next_fit_rows, worst_case_batches
 from lightning_txopt.data.report import PaddingRow, padding_report
 from lightning_txopt.data.sampler import BucketBatchSampler
 from lightning_txopt.utils.checks import check_exactly_one_budget, check_positive_int, round_up
@@ -512,7 +512,8 @@ class BucketDataModule(pl.LightningDataModule):
         ``rows x width**2`` (attention over padded rows: the mask SDPA expands per head, score tiles), so no single
         batch is the worst for every model. The batches probed are the widest, the one with the most rows (packed:
         the most samples), and every batch that has the most memory under some weighting of the two terms
-        (:func:`worst_case_batches`), of real samples, on the CPU: what
+        (:func:`~lightning_txopt.data.planning.worst_case_batches`); packed, the batch with the most rows, the one
+        with the most samples and the one with the longest sample. Of real samples, on the CPU: what
         :class:`~lightning_txopt.callbacks.TokenBudgetFinder` runs its probe steps on. Measured on an H200 with
         BERT-base at 323,136 tokens: a batch of 1,335 rows of 242 tokens needed 1.5 GiB more than the one with the
         most padded tokens (9,232 rows of 35).
@@ -520,7 +521,13 @@ class BucketDataModule(pl.LightningDataModule):
         sampler = self.make_sampler("train", max_tokens=max_tokens)
         plan = sampler.plan(0)
         lengths = self.planned_lengths("train")
-        chosen = worst_case_batches(plan.sizes, plan.max_lengths(lengths))
+        if self.strategy == "packed":  # rows of pack_length: the most rows, the most samples, the longest sample
+            per_batch = np.split(lengths[plan.indices], plan.offsets[1:-1])
+            rows = np.array([int(next_fit_rows(b, self.pack_length)[-1]) + 1 for b in per_batch])
+            picks = (np.argmax(rows), np.argmax(plan.sizes), np.argmax(plan.max_lengths(lengths)))
+            chosen = list(dict.fromkeys(int(i) for i in picks))
+        else:
+            chosen = worst_case_batches(plan.sizes, plan.max_lengths(lengths))
         collate = self.collator_for("train", max_tokens=max_tokens)
         dataset = self.datasets["train"]
         return [collate([dataset[int(i)] for i in plan.batch(b)]) for b in chosen]
