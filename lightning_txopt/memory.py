@@ -582,7 +582,7 @@ class CudaMemory(DeviceMemory):
     Llama-shape model with a 128k vocabulary held 116.9 GiB and reserved 138.2 GiB at its third step, and ran out
     of memory at the budget its probes fitted in 0.9 of the device. With expandable segments the three measured
     models (BERT-base bucketed and packed, that Llama shape) trained 3 epochs at their found budgets, reserving
-    0.9-4.1% more than they allocated. So :meth:`prepare` (``expandable_segments=True``, the default) turns them on
+    0.5-4.1% more than they allocated. So :meth:`prepare` (``expandable_segments=True``, the default) turns them on
     for the rest of the process when they are off (:func:`enable_expandable_segments`, logged), in the probing
     callbacks' ``setup``.
     Starting the process with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` does the same and covers the

@@ -435,7 +435,8 @@ class TokenBudgetFinder(Callback):
 
     For ``BucketDataModule(max_tokens="auto")`` (every strategy, packed included). At ``on_fit_start`` it probes
     candidate budgets: the DataModule gives the worst-case batches of its plan at each budget
-    (``dm.probe_batches(budget)``: the widest batch and the one with the most rows or samples), and
+    (``dm.probe_batches(budget)``: the widest batch, the one with the most rows or samples, and the batches that need
+    the most memory under any weighting of padded tokens and ``rows x width**2``), and
     :class:`StepProber` runs real training steps on them (the module's ``training_step``, backward and optimizer
     step, under the Trainer's precision, with everything the other callbacks set up in force) and reads the peak.
     :func:`~lightning_txopt.memory.search_token_budget` finds the largest budget whose peak stays within
@@ -452,6 +453,10 @@ class TokenBudgetFinder(Callback):
 
     Needs a CUDA device (it measures CUDA's allocator); on another device it raises. ``memory=`` replaces the
     measurement, e.g. :class:`~lightning_txopt.memory.SavedTensorsMemory` (an estimate for tests and CPU demos).
+    With :class:`~lightning_txopt.memory.CudaMemory` (the default), ``setup`` turns on CUDA's expandable segments
+    for the rest of the process when they are off, and logs it (:meth:`~lightning_txopt.memory.CudaMemory.prepare`):
+    without them the allocator's cache fragments past the found budget over training's many batch shapes.
+    ``memory=CudaMemory(expandable_segments=False)`` leaves the allocator as it is (with a warning).
 
     The probe steps must be free of side effects other than logging (discarded) and torchmetrics metrics (reset):
     state a ``training_step`` keeps in Python attributes would see the probe batches.

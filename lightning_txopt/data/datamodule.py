@@ -509,7 +509,7 @@ class BucketDataModule(pl.LightningDataModule):
         """Collated training batches with the worst-case shapes the plan makes at a budget of ``max_tokens``.
 
         A step's memory grows with the batch's padded tokens ``rows x width`` (activations) and with
-        ``rows x width**2`` (attention over padded rows: the mask SDPA expands per head, score tiles), so no single
+        ``rows x width**2`` (attention over padded rows), so no single
         batch is the worst for every model. The batches probed are the widest, the one with the most rows (packed:
         the most samples), and every batch that has the most memory under some weighting of the two terms
         (:func:`~lightning_txopt.data.planning.worst_case_batches`); packed, the batch with the most rows, the one
