@@ -279,6 +279,17 @@ def user_run(name: str, epochs: int, fraction: float) -> dict[str, Any]:
     }
 
 
+def _child(flag: str, args: list[str], what: str) -> dict[str, Any]:
+    """This script with ``flag args`` in a fresh process; the JSON it prints after ``RESULT``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, *args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
 def run_isolated(
     name: str, quick: bool, budget: int, epochs: int, fraction: float = 1.0, limit_bytes: float | None = None
 ) -> dict[str, Any]:
@@ -287,24 +298,12 @@ def run_isolated(
     if quick:
         return full_run(name, quick, budget, epochs, fraction)
     args = [name, str(budget), str(epochs), str(fraction), str(limit_bytes or 0)]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"full run at {budget} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT ") :])
+    return _child("--child-run", args, f"full run at {budget}")
 
 
 def child_user_run(name: str, epochs: int, fraction: float) -> dict[str, Any]:
     """:func:`user_run` in a fresh process (the allocator as the environment starts it)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-user-run", name, str(epochs), str(fraction)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"user run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT ") :])
+    return _child("--child-user-run", [name, str(epochs), str(fraction)], "user run")
 
 
 def find(name: str, args: argparse.Namespace, extra: list[Callback] | None = None) -> dict[str, Any]:
