@@ -468,6 +468,13 @@ def enable_expandable_segments() -> bool:
     its segments. The same as starting the process with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, which
     is the better place to set it (it then covers the model's weights too). The probing callbacks call it through
     :meth:`CudaMemory.prepare`.
+
+    Example:
+        >>> was_on = expandable_segments_enabled()
+        >>> enable_expandable_segments() is (not was_on), expandable_segments_enabled()
+        (True, True)
+        >>> if not was_on:  # the setting is process-wide: put it back for what runs next
+        ...     _set_allocator_settings("expandable_segments:False")
     """
     if expandable_segments_enabled():
         return False
