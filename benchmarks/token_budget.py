@@ -23,6 +23,10 @@ For each model:
    memory and the ratio measures the finder, not the margin; ``--hand-fraction 1`` bisects on the whole device;
 3. **verify**: a fresh process training ``--verify-epochs`` epochs at the found budget on the whole device (no
    cap): it must not run out of memory; its peak allocated and reserved memory.
+4. **user run** (``--user-run``; ``--only-user-run`` alone): what a user runs, in a fresh process with the
+   environment's allocator settings: one ``fit`` with ``TokenBudgetFinder()`` that then trains ``--verify-epochs``
+   epochs at its budget; each step's batch shape and peak memory against the probes' peak, and whether the finder
+   turned on expandable segments. GPU only.
 
 With ``--checkpointing`` (BERT-base bucketed only): at a budget ``--checkpoint-factor`` times the finder's (too
 large to fit without checkpointing), :func:`~lightning_txopt.callbacks.fit_checkpointing` picks the fewest
@@ -614,6 +618,8 @@ def main() -> None:
         args.hand_fraction = args.fraction
     if not 0 < args.hand_fraction <= 1:
         parser.error(f"--hand-fraction must be in (0, 1], got {args.hand_fraction}")
+    if args.quick and (args.user_run or args.only_user_run):
+        parser.error("--user-run measures CUDA's allocator step by step: it has no --quick (CPU) form")
     if not args.quick and not torch.cuda.is_available():
         parser.error("needs a CUDA device (it measures GPU memory); use --quick for a CPU smoke run")
     device = "CPU (quick: tiny models, SavedTensorsMemory estimate)" if args.quick else torch.cuda.get_device_name()
