@@ -452,10 +452,10 @@ class GradientCheckpointing(Callback):
         if self.every_n_layers != "auto":
             self._enable(pl_module, self.every_n_layers)
             return
+        from lightning_txopt.callbacks.token_budget import _prepare
+
         memory = self.memory if self.memory is not None else CudaMemory()
-        changed = memory.prepare(trainer.strategy.root_device)  # before the model moves to the device
-        if changed is not None:
-            rank_zero_info(f"GradientCheckpointing(every_n_layers='auto'): {changed}")
+        _prepare(memory, trainer.strategy.root_device, "GradientCheckpointing(every_n_layers='auto')")  # before .to()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -409,6 +409,13 @@ def _shapes(batches: list[Any]) -> Hashable:
     return tuple(describe(b) for b in batches)
 
 
+def _prepare(memory: DeviceMemory, device: torch.device, who: str) -> None:
+    """``memory.prepare(device)`` (CudaMemory: expandable segments on), and the log line of what it changed."""
+    changed = memory.prepare(device)
+    if changed is not None:
+        rank_zero_info(f"{who}: {changed}")
+
+
 def _check_strategy(trainer: pl.Trainer, who: str) -> None:
     strategy = trainer.strategy
     if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
@@ -532,9 +539,7 @@ class TokenBudgetFinder(Callback):
         if not pl_module.automatic_optimization:
             raise ValueError("TokenBudgetFinder probes automatic optimisation; set max_tokens by hand instead.")
         _check_datamodule(trainer, "TokenBudgetFinder")
-        changed = self.memory.prepare(trainer.strategy.root_device)  # a saved budget needs it as much as a new one
-        if changed is not None:
-            rank_zero_info(f"TokenBudgetFinder: {changed}")
+        _prepare(self.memory, trainer.strategy.root_device, "TokenBudgetFinder")  # a saved budget needs it too
 
     def _bounds(self, datamodule: Any) -> tuple[int, int, int | None]:
         base = int(datamodule.token_budget_multiple)
@@ -700,9 +705,7 @@ def fit_checkpointing(
         )
     memory = memory if memory is not None else CudaMemory()
     memory.check(pl_module.device)
-    changed = memory.prepare(pl_module.device)
-    if changed is not None:
-        rank_zero_info(f"Checkpointing to a memory target: {changed}")
+    _prepare(memory, pl_module.device, "Checkpointing to a memory target")
     advice = memory.advice()
     if advice is not None:
         rank_zero_warn(f"Checkpointing to a memory target: {advice}")
