@@ -270,6 +270,8 @@ def user_run(name: str, epochs: int, fraction: float) -> dict[str, Any]:
         "steps": len(peaks.steps),
         "seconds": time.perf_counter() - start,
         "finder_seconds": finder.seconds,
+        "probes": None if search is None else [[b, p] for b, p in search.probes],
+        "probe_seconds": None if search is None else list(search.seconds),
         "expandable_before": before,
         "expandable_after": expandable_segments_enabled(),
         "expandable_segments": sum(bool(seg.get("is_expandable")) for seg in segments),
@@ -327,6 +329,7 @@ def find(name: str, args: argparse.Namespace, extra: list[Callback] | None = Non
         "stopped": search.stopped,
         "limit": search.limit,
         "probes": [[b, p] for b, p in search.probes],
+        "probe_seconds": list(search.seconds),
         "multiple": dm.token_budget_multiple,
     }
 

@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import math
 import os
+import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -71,6 +72,8 @@ class BudgetSearch:
         stopped: Why the search stopped: ``"bracketed"`` (a budget one step larger did not fit), ``"max_tokens"``
             (the upper bound fits), ``"saturated"`` (memory did not grow over a doubling of the budget: larger budgets
             do not change the batches), ``"max_probes"`` or ``"min_tokens does not fit"``.
+        seconds: Wall time of each probe, in the order of ``probes`` (0 for a budget that reused the measurement
+            of an equal ``key``); empty when not recorded.
 
     Example:
         >>> found = search_token_budget(lambda n: 1000 + 10.0 * n, limit=50_000, min_tokens=64)
@@ -82,6 +85,7 @@ class BudgetSearch:
     limit: float
     probes: tuple[tuple[int, float | None], ...]
     stopped: str
+    seconds: tuple[float, ...] = ()
 
     def peak_of(self, budget: int) -> float | None:
         """The peak measured at ``budget`` (``None``: out of memory).
@@ -186,6 +190,7 @@ def search_token_budget(
 
     peaks: dict[int, float | None] = {}
     order: list[int] = []
+    seconds: list[float] = []
     measured: dict[Hashable, float | None] = {}  # by key: the distinct measurements
 
     def run(budget: int) -> None:
@@ -193,8 +198,11 @@ def search_token_budget(
         if k in measured:
             peaks[budget] = measured[k]
             order.append(budget)
+            seconds.append(0.0)
             return
+        start = time.perf_counter()
         peak = probe(budget)
+        seconds.append(time.perf_counter() - start)
         if peak is not None:
             if isinstance(peak, bool) or not isinstance(peak, int | float) or not peak >= 0:
                 raise ValueError(f"The probe returned {peak!r} at budget {budget}: give a peak >= 0, or None (OOM).")
@@ -210,7 +218,7 @@ def search_token_budget(
         return max(multiple, -(-math.ceil(tolerance * budget) // multiple) * multiple)
 
     def result(best: int | None, stopped: str) -> BudgetSearch:
-        return BudgetSearch(best, float(limit), tuple((b, peaks[b]) for b in order), stopped)
+        return BudgetSearch(best, float(limit), tuple((b, peaks[b]) for b in order), stopped, tuple(seconds))
 
     aim = float(limit)  # lines aim a little under the limit (set after the first probe): landing just below it
 

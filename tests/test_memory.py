@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import pickle
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -612,3 +613,28 @@ def test_a_reused_key_does_not_count_against_max_probes():
     assert len(found.probes) > len(probed)  # plateau budgets visited without a measurement
     assert found.stopped == "bracketed" and found.max_tokens is not None
     assert 4096 - 128 <= found.max_tokens < 4096  # within one 2% step of the plateau's edge
+
+
+def test_each_probe_is_timed_and_a_reused_key_takes_none():
+    """``BudgetSearch.seconds``: one wall time per entry of ``probes``, the time the probe took; a budget that reused
+    a key's measurement took 0 (the plateau of the test above)."""
+
+    def key(b: int) -> object:
+        return b if b < 512 else ("plateau" if b < 4096 else "one batch")
+
+    def probe(b: int) -> float | None:
+        time.sleep(0.01)
+        return 100.0 + b if b < 512 else (612.0 if b < 4096 else None)
+
+    found = search_token_budget(probe, limit=5000.0, min_tokens=64, multiple=64, key=key, max_probes=5)
+    assert len(found.seconds) == len(found.probes)
+    seen: set[object] = set()
+    reused = 0
+    for (budget, _), took in zip(found.probes, found.seconds, strict=True):
+        if key(budget) in seen:
+            assert took == 0.0
+            reused += 1
+        else:
+            assert took >= 0.01
+        seen.add(key(budget))
+    assert reused > 0

@@ -195,6 +195,7 @@ class StepProber:
         self.plugin = trainer.precision_plugin
         self.scaler = getattr(self.plugin, "scaler", None)
         self._saved: dict[str, Any] | None = None
+        self._worst: int | None = None  # which probe batch set the last peak: it runs first in the next measurement
 
     # ------------------------------------------------------------------ agreement
     def agree(self, values: list[float], reduce_op: Literal["max", "min"]) -> list[float]:
@@ -315,40 +316,53 @@ class StepProber:
 
         return closure
 
-    def run_steps(self, batches: list[Any]) -> None:
+    def run_steps(self, batches: list[Any], limit: float | None = None) -> int | None:
         """``steps`` rounds of training steps over ``batches`` (already on the device).
 
-        With ``fresh_optimizer``, after a first step on the first batch that creates the optimizer's state.
+        With ``fresh_optimizer``, after a first step on the first batch that creates the optimizer's state. With a
+        ``limit``, the steps stop early once the running peak exceeds it (the measurement fails either way).
+
+        Returns the index in ``batches`` of the batch whose step set the peak, or ``None`` if the memory reader
+        reports no peak before the end (call it inside :meth:`~lightning_txopt.memory.DeviceMemory.tracking`).
         """
         if self.fresh_optimizer:
-            rounds: list[list[Any]] = [batches[:1]] + [batches] * self.steps
+            rounds: list[list[int]] = [[0]] + [list(range(len(batches)))] * self.steps
         else:
-            rounds = [batches] * (self.steps + (0 if self.prime_optimizer() else 1))
+            rounds = [list(range(len(batches)))] * (self.steps + (0 if self.prime_optimizer() else 1))
         accumulate = self.trainer.accumulate_grad_batches > 1
         epoch = self.trainer.current_epoch
+        worst, highest = None, -1.0
         with torch.enable_grad(), _logging_discarded(self.pl_module):
-            for round_batches in rounds:
-                for i, batch in enumerate(round_batches):
+            for round_indices in rounds:
+                for i, index in enumerate(round_indices):
                     first = not accumulate or i == 0
-                    last = not accumulate or i == len(round_batches) - 1
-                    closure = self._closure(batch, i, zero_grad=first)
+                    last = not accumulate or i == len(round_indices) - 1
+                    closure = self._closure(batches[index], i, zero_grad=first)
                     if not last:
                         closure()
-                        continue
-                    proxy = _ProbeOptimizer(self.optimizer, self.scaler)
-                    self.pl_module.optimizer_step(epoch, i, proxy, closure)  # type: ignore[arg-type]
-                    if not proxy.stepped:
-                        raise RuntimeError(
-                            f"{type(self.pl_module).__name__}.optimizer_step did not call optimizer.step(closure): "
-                            "probing needs Lightning's default stepping."
-                        )
+                    else:
+                        proxy = _ProbeOptimizer(self.optimizer, self.scaler)
+                        self.pl_module.optimizer_step(epoch, i, proxy, closure)  # type: ignore[arg-type]
+                        if not proxy.stepped:
+                            raise RuntimeError(
+                                f"{type(self.pl_module).__name__}.optimizer_step did not call "
+                                "optimizer.step(closure): probing needs Lightning's default stepping."
+                            )
+                    running = float(self.memory.peak(self.device))  # the peak so far: a host-side counter
+                    if running > highest:
+                        worst, highest = index, running
+                    if limit is not None and running > limit:
+                        return worst  # over the limit already: the rest cannot make it fit
+        return worst
 
     def measure(self, make_batches: Callable[[], list[Any]], limit: float | None = None) -> float | None:
         """Peak memory of :meth:`run_steps` on ``make_batches()`` (CPU batches), agreed over all ranks.
 
         With a ``limit`` (bytes), the steps run as on a device of that size where the memory reader can enforce it
         (:meth:`~lightning_txopt.memory.DeviceMemory.limited`: :class:`~lightning_txopt.memory.CudaMemory` caps the
-        allocator), so fragmentation that would not fit the limit is an out-of-memory error.
+        allocator), so fragmentation that would not fit the limit is an out-of-memory error, and the steps stop
+        once the peak exceeds it. The batch that set the previous measurement's peak runs first
+        (:func:`_worst_first`): a budget that does not fit fails after its first steps instead of its last.
 
         Returns the largest peak over the ranks, or ``None`` if any rank ran out of memory.
 
@@ -361,10 +375,13 @@ class StepProber:
             self.optimizer.load_state_dict(self._saved["optimizer"])  # the state the training starts from
         try:
             batches = [self.trainer.strategy.batch_to_device(b) for b in make_batches()]
+            order = _worst_first(len(batches), self._worst)
             capped = self.memory.limited(self.device, limit) if limit is not None else contextlib.nullcontext()
             with capped, self.memory.tracking(self.device):
-                self.run_steps(batches)
+                worst = self.run_steps([batches[i] for i in order], limit)
             peak = float(self.memory.peak(self.device))
+            if worst is not None:
+                self._worst = order[worst]
         except Exception as exc:
             status, error = (_OOM, None) if self.memory.is_out_of_memory(exc) else (_FAILED, exc)
         batches = []  # free the batches and (outside the except block) the failed step's frames
@@ -379,6 +396,24 @@ class StepProber:
                 raise error
             raise RuntimeError("Another rank failed while probing memory (its error is in its log).")
         return None if agreed_status >= _OOM else agreed_peak
+
+
+def _worst_first(count: int, worst: int | None) -> list[int]:
+    """The order of ``count`` probe batches: ``worst`` (the batch that set the last measurement's peak) first.
+
+    The DataModule gives its worst-case batches in the same roles at every budget (widest, fullest, ...), so the
+    batch that set the peak at one budget most likely sets it at the next: running it first (as the step that creates
+    the optimizer's state, then again with the state) ends a probe that does not fit after its first steps. Every
+    batch still runs, so the peak is the same in any order.
+
+    Example:
+        >>> _worst_first(4, 2), _worst_first(4, None), _worst_first(2, 3)
+        ([2, 0, 1, 3], [0, 1, 2, 3], [0, 1])
+    """
+    order = list(range(count))
+    if worst is not None and 0 <= worst < count:
+        order.insert(0, order.pop(worst))
+    return order
 
 
 def _shapes(batches: list[Any]) -> Hashable:
@@ -407,6 +442,21 @@ def _shapes(batches: list[Any]) -> Hashable:
         return type(value).__name__
 
     return tuple(describe(b) for b in batches)
+
+
+def _probe_log(search: BudgetSearch) -> str:
+    """Each probe's budget, outcome and time, for the finder's log line.
+
+    Example:
+        >>> _probe_log(BudgetSearch(128, 10.0, ((64, 5.0), (128, 9.0), (192, None)), "bracketed", (0.5, 1.25, 0.8)))
+        '64 fits (0.5 s), 128 fits (1.2 s), 192 out of memory (0.8 s)'
+    """
+    parts = []
+    for i, (budget, peak) in enumerate(search.probes):
+        outcome = "out of memory" if peak is None else ("fits" if peak <= search.limit else "over the limit")
+        took = f" ({search.seconds[i]:.1f} s)" if i < len(search.seconds) else ""
+        parts.append(f"{budget} {outcome}{took}")
+    return ", ".join(parts)
 
 
 def _prepare(memory: DeviceMemory, device: torch.device, who: str) -> None:
@@ -618,8 +668,8 @@ class TokenBudgetFinder(Callback):
         assert peak is not None
         rank_zero_info(
             f"TokenBudgetFinder: max_tokens={self.budget} (peak {format_bytes(peak)}, limit {format_bytes(limit)} "
-            f"= {self.max_memory_fraction} of the device; {len(search.probes)} probes in {self.seconds:.1f} s; "
-            f"stopped: {search.stopped})."
+            f"= {self.max_memory_fraction} of the device; {len(search.probes)} probes in {self.seconds:.1f} s: "
+            f"{_probe_log(search)}; stopped: {search.stopped})."
         )
         if search.stopped == "max_probes":
             rank_zero_warn(
@@ -638,6 +688,7 @@ class TokenBudgetFinder(Callback):
         if self.search is not None:
             state["limit"] = self.search.limit
             state["probes"] = [[b, p] for b, p in self.search.probes]
+            state["probe_seconds"] = list(self.search.seconds)
         return state
 
     @override
