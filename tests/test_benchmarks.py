@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import itertools
 import json
 import math
 import os
@@ -342,7 +343,7 @@ def test_lognormal_lengths_are_seeded_and_shaped_as_documented(bench: Any) -> No
     assert (np.median(x), x.min(), x.max(), int((x == 512).sum())) == (23, 2, 512, 10)
 
 
-@pytest.mark.parametrize("module", ["workloads", "gpu_runner"])
+@pytest.mark.parametrize("module", ["workloads", "gpu_runner", "attention_kernels"])
 def test_benchmark_doctests(bench: Any, module: str) -> None:
     failed, attempted = doctest.testmod(bench(module), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert attempted > 0 and failed == 0
@@ -539,3 +540,63 @@ def test_attention_fallback_quick(tmp_path: Path) -> None:
         if r["variant"].startswith("block"):  # the fallback trains (flex: refused on a CPU by torch 2.13)
             assert float(r["train_ms"]) > 0, r
     assert "| bidirectional | block mask (the fallback) |" in stdout
+
+
+# ---------------------------------------------------------------------------------------------- attention kernels
+def test_attention_kernels_packs_until_the_next_sample_does_not_fit(bench: Any) -> None:
+    kernels = bench("attention_kernels")
+    lengths = np.minimum(kernels.distribution("corpus")[:50], 64)
+    batches = kernels.packed_lengths(lengths, 256, 40)  # about 5 shuffles of the 50 lengths
+    for batch, following in itertools.pairwise(batches):
+        assert batch.sum() <= 256 < batch.sum() + following[0]  # the next sample opens the next batch
+    stream = np.concatenate(batches)
+    assert stream.size >= 4 * lengths.size
+    for start in range(0, stream.size - lengths.size + 1, lengths.size):  # each shuffle: every sample once
+        assert np.array_equal(np.sort(stream[start : start + lengths.size]), np.sort(lengths))
+    small = kernels.packed_lengths(np.array([3, 4, 5]), 8, 30)  # reshuffled many times
+    assert np.array_equal(np.sort(np.concatenate(small)[:27].reshape(9, 3), axis=1), np.tile([3, 4, 5], (9, 1)))
+    assert [s.tolist() for s in small] == [s.tolist() for s in kernels.packed_lengths(np.array([3, 4, 5]), 8, 30)]
+    with pytest.raises(ValueError, match="cannot fit"):
+        kernels.packed_lengths(np.array([3, 600]), 512, 1)
+
+
+def test_attention_kernels_quick(tmp_path: Path) -> None:
+    out = tmp_path / "ak.json"
+    stdout = _ok(_run("attention_kernels.py", "--quick", "--json", str(out), timeout=300))
+    result = json.loads(out.read_text())
+    tables = result["tables"]
+    assert [(t["shape"], t["data"]) for t in tables] == [
+        (s, d) for s in ("bert", "llama") for d in ("corpus", "lognormal")
+    ]
+    assert result["failures"] == []
+    for t in tables:
+        assert (t["tokens"], t["dtype"], t["causal"], t["heads"]) == (
+            256,
+            "float32",
+            t["shape"] == "llama",
+            {"bert": 12, "llama": 16}[t["shape"]],
+        )
+        assert t["reference"].startswith("dense SDPA") and t["batches"] == 2
+        assert max(t["padding_per_batch"]) < 64 and t["longest_segment"] <= 64  # lengths clipped to 64
+        cases = {c["case"]: c for c in t["cases"]}
+        assert list(cases) == ["varlen", "varlen_tight", "flex", "flex_with_mask", "flex_k64"]
+        for c in cases.values():
+            assert c["skipped"] is None, c  # every case runs on a CPU in fp32: the forward at least
+            assert c["rel_diff"]["out"] < 1e-4, c
+            if c["backward"] is None:  # trains: its gradients match the reference's, and it was timed
+                assert all(c["rel_diff"][g] < 1e-4 for g in ("dq", "dk", "dv")), c
+                assert len(c["windows_ms"]) == 2 and c["ms"] > 0
+            else:  # flex attention refuses backward on a CPU (torch 2.11-2.13): output only, not timed
+                assert c["case"].startswith("flex") and "backward" in c["backward"], c
+                assert c["diff"]["dq"] is None and c["windows_ms"] == []
+        assert cases["varlen"]["backward"] is None and cases["varlen"]["x_varlen"] == 1.0
+    assert stdout.count("| varlen |") == 4 and "| flex_with_mask |" in stdout
+
+
+def test_attention_kernels_fails_loudly_above_the_tolerance(tmp_path: Path) -> None:
+    out = tmp_path / "ak.json"
+    args = ("--quick", "--shape", "bert", "--data", "corpus", "--tolerance", "1e-12", "--json", str(out))
+    proc = _run("attention_kernels.py", *args, timeout=300)
+    assert proc.returncode == 1 and "differences above --tolerance 1e-12" in proc.stderr, proc.stderr[-2000:]
+    failures = json.loads(out.read_text())["failures"]  # the report was written first
+    assert failures and all(" flex" in f and ": out differs by " in f for f in failures), failures

@@ -1,0 +1,625 @@
+"""Packed attention on the GPU: flex attention with a document mask vs FlashAttention's varlen kernel, fwd + bwd.
+
+    python attention_kernels.py                       # H200: bert and llama shapes, 16,384 and 65,536 tokens
+    python attention_kernels.py --tokens 16384 --shape bert --data corpus   # one table
+    python attention_kernels.py --quick               # CPU smoke run: correctness only, no timing claims
+
+One question: for a *packed* batch (one flat sequence of ``T`` tokens holding many short samples, each attending only
+within itself, the rest of ``T`` one padding segment of its own as in the library's packed layout), is
+``torch.nn.attention.flex_attention.flex_attention`` under ``torch.compile`` with a document-mask ``BlockMask``
+faster, forward + backward of the attention op alone, than the varlen kernel the library runs today?
+
+Samples are drawn, seeded, from a shuffled stream of lengths (``--data``: ``corpus``, the embedded corpus's
+BERT-uncased lengths, median 27, max 512; ``lognormal``, the second distribution of ``workloads.py``, median 23) into
+the sequence until the next one would not fit. ``--batches`` distinct batches per table; queries, keys and values
+bf16 ``(T, heads, 64)`` with ``requires_grad`` (flex gets them as ``(1, heads, T, 64)`` views, as a model's
+projections give them), a random gradient of the output. Shapes (``--shape``): ``bert`` 12 heads x 64,
+bidirectional; ``llama`` 16 heads x 64, causal. The cases:
+
+* ``varlen``: ``lightning_txopt.models.attention.varlen_attention_forward``, the library's packed attention (on a
+  CUDA device, bf16: FlashAttention's varlen kernel through ``aten::_flash_attention_forward``, or ``varlen_attn``
+  where that op's schema differs), max length 512 (the row width the static-shape path passes);
+* ``varlen_tight``: the same with max length = the batch's longest segment;
+* ``flex``: ``torch.compile(flex_attention, dynamic=False)`` with a ``BlockMask`` (blocks of 128) from
+  ``torch.compile(create_block_mask)`` over ``mask_mod`` "same document" (and ``q_idx >= kv_idx`` when causal),
+  built before the timed region;
+* ``flex_with_mask``: the same, building the ``BlockMask`` inside the timed region (what a per-batch data path pays);
+* ``flex_k64``: ``flex`` with ``kernel_options`` tiles of 64 x 64 (forward and backward; torch's defaults on Hopper
+  are 128 x 128 forward, 64 x 128 and 128 x 64 backward) on the same 128-block mask;
+* ``flex_mask64`` (only with ``--cases``): a 64-block ``BlockMask`` with those tiles. torch 2.11-2.13 choose the
+  backward's tiles from configs that must divide the mask's block size (Hopper: 64 x 128 and 128 x 64), so this is
+  expected to fail to compile; the error is recorded.
+
+A case that cannot run (an API this torch lacks, a compile error) is reported with its error, the others go on.
+Timing: CUDA events around ``--iters`` passes (cycling over the batches), ``--windows`` windows in ABBA order over the
+cases, the median window; every case runs once per batch before (compilation happens there: its first call is
+reported apart, with dynamo's frame and graph counts; ``torch.compiler.reset()`` between (shape, tokens), one
+``BlockMask`` shape per ``T``, so nothing recompiles per batch, and the script says so if something does).
+Compiles: per (shape, tokens) 3 dynamo frames, the mask builder and ``flex_attention`` (in ``flex``'s setup and first
+call) and ``flex_attention`` again for ``flex_k64``'s ``kernel_options``; none for the second data set nor per batch.
+The default run: 4 (shape, tokens), 12 frames (8 flex forward + backward compilations, 4 mask builders), expected to
+take 2-3 minutes on an H200, most of it compiling; ``--cases varlen varlen_tight flex flex_with_mask`` saves 4.
+Correctness: each case's output and ``dq``/``dk``/``dv`` against ``varlen``'s on every batch; a difference above
+``--tolerance`` x max |reference| fails the run (after the report is written). ``--quick`` runs on the CPU in fp32:
+256 tokens, lengths clipped to 64, flex eager (no compile), everything against an independent reference, SDPA with
+a dense block-diagonal (and causal) mask; flex refuses backward on a CPU, so there only its output is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from _common import RECORDED_LENGTHS, environment, markdown_table, write_outputs
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from workloads import LOGNORMAL, lognormal_lengths
+
+from lightning_txopt.models.attention import (
+    flash_forward_schema_matches,
+    segment_ids,
+    varlen_attention_forward,
+    varlen_kernel_available,
+)
+
+DATA = ("corpus", "lognormal")
+SHAPES: dict[str, tuple[int, int, bool]] = {"bert": (12, 64, False), "llama": (16, 64, True)}  # heads, dim, causal
+CASES = ("varlen", "varlen_tight", "flex", "flex_with_mask", "flex_k64", "flex_mask64")
+DEFAULT_CASES = CASES[:5]
+WIDTH = 512  # the packed rows' width: the longest sample, and the max length the static-shape path passes
+QUICK = {"tokens": [256], "width": 64, "batches": 2, "iters": 2, "windows": 2}
+TOLERANCE = {"gpu": 2e-2, "quick": 1e-4}  # max abs diff / max |reference|: bf16 kernels vs each other; fp32
+#: ``flex_k64``'s tiles, 64 x 64 in the forward and in both backward kernels, 4 warps (torch's own choice for Hopper
+#: below head dim 64; at 64 it takes 128 x 128 forward, 64 x 128 and 128 x 64 backward, 8 warps); they divide the
+#: 128-block mask. Keys with ``fwd_``/``bwd_`` apply to one pass (torch >= 2.8's lowering).
+TILES_64 = {
+    "fwd_BLOCK_M": 64,
+    "fwd_BLOCK_N": 64,
+    "bwd_BLOCK_M1": 64,
+    "bwd_BLOCK_N1": 64,
+    "bwd_BLOCK_M2": 64,
+    "bwd_BLOCK_N2": 64,
+    "bwd_num_warps": 4,
+}
+#: case -> (BlockMask block size, kernel_options, mask built inside the timed region)
+FLEX: dict[str, tuple[int, dict[str, int] | None, bool]] = {
+    "flex": (128, None, False),
+    "flex_with_mask": (128, None, True),
+    "flex_k64": (128, TILES_64, False),
+    "flex_mask64": (64, TILES_64, False),
+}
+
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def distribution(data: str) -> np.ndarray:
+    """The sample lengths of ``data``: the corpus's recorded lengths or ``workloads.py``'s lognormal ones."""
+    if data == "corpus":
+        return np.load(RECORDED_LENGTHS).astype(np.int64)
+    spec = LOGNORMAL
+    return lognormal_lengths(
+        int(spec["n"]),
+        median=float(spec["median"]),
+        sigma=float(spec["sigma"]),
+        max_length=int(spec["max_length"]),
+        seed=int(spec["seed"]),
+    )
+
+
+def packed_lengths(lengths: np.ndarray, tokens: int, count: int, seed: int = 0) -> list[np.ndarray]:
+    """The sample lengths of ``count`` packed batches of ``tokens`` tokens: consecutive samples of a seeded shuffled
+    stream of ``lengths`` (reshuffled when used up), each batch closed when its next sample would not fit.
+
+    Example:
+        >>> [b.tolist() for b in packed_lengths(np.array([3, 4, 5]), 8, 2)]
+        [[5, 3], [4]]
+    """
+    if int(lengths.max()) > tokens:
+        raise ValueError(f"A sample of {int(lengths.max())} tokens cannot fit in a batch of {tokens} tokens.")
+    rng = np.random.default_rng(seed)
+    stream = np.empty(0, dtype=np.int64)
+    batches = []
+    for _ in range(count):
+        ends = np.cumsum(stream)
+        while ends.size == 0 or ends[-1] <= tokens:  # not yet a sample that would not fit: draw more
+            stream = np.concatenate([stream, lengths[rng.permutation(lengths.size)]])
+            ends = np.cumsum(stream)
+        n = int(np.searchsorted(ends, tokens, side="right"))
+        batches.append(stream[:n].copy())
+        stream = stream[n:]
+    return batches
+
+
+def segments(sample_lengths: np.ndarray, tokens: int) -> np.ndarray:
+    """The batch's segments: its samples, then the rest of ``tokens`` as one padding segment (none when full).
+
+    Example:
+        >>> segments(np.array([4, 3]), 8).tolist(), segments(np.array([4, 4]), 8).tolist()
+        ([4, 3, 1], [4, 4])
+    """
+    pad = tokens - int(sample_lengths.sum())
+    return np.concatenate([sample_lengths, [pad]]) if pad else sample_lengths
+
+
+def abba(names: list[str], windows: int) -> list[str]:
+    """The order of the timed windows: the cases, then the cases reversed, and so on.
+
+    Example:
+        >>> abba(["a", "b", "c"], 3)
+        ['a', 'b', 'c', 'c', 'b', 'a', 'a', 'b', 'c']
+    """
+    return [n for w in range(windows) for n in (names if w % 2 == 0 else names[::-1])]
+
+
+def document_mask(doc: torch.Tensor, causal: bool) -> Callable[..., torch.Tensor]:
+    """flex attention's ``mask_mod``: query and key in the same segment (and the key not after the query)."""
+
+    def same_document(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        keep = doc[q_idx] == doc[kv_idx]
+        return keep & (q_idx >= kv_idx) if causal else keep
+
+    return same_document
+
+
+@dataclasses.dataclass
+class Batch:
+    """One packed batch: its segments' boundaries and each token's segment, on the device."""
+
+    samples: np.ndarray
+    segments: np.ndarray
+    cu: torch.Tensor
+    doc: torch.Tensor
+    mask_mod: Callable[..., torch.Tensor]
+
+    @classmethod
+    def build(cls, samples: np.ndarray, tokens: int, causal: bool, device: torch.device) -> Batch:
+        seg = segments(samples, tokens)
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(seg)]), dtype=torch.int32, device=device)
+        doc = segment_ids(cu, tokens)
+        return cls(samples, seg, cu, doc, document_mask(doc, causal))
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Queries, keys and values ``(T, heads, dim)`` (leaves, ``requires_grad``) and the output's gradient."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad: torch.Tensor
+
+    @classmethod
+    def random(cls, tokens: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad = (torch.randn(tokens, heads, dim, generator=gen, device=device, dtype=dtype) for _ in range(4))
+        return cls(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad)
+
+    def leaves(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q, self.k, self.v
+
+
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``(T, heads, dim)`` as the ``(1, heads, T, dim)`` view attention functions take."""
+    return x.unsqueeze(0).transpose(1, 2)
+
+
+def fwd_bwd(attn: Attention, i: int, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """One forward + backward pass on batch ``i``: the output and ``dq``, ``dk``, ``dv``."""
+    for t in inputs.leaves():
+        t.grad = None
+    out = attn(i, *inputs.leaves())
+    out.backward(inputs.grad)
+    assert inputs.q.grad is not None and inputs.k.grad is not None and inputs.v.grad is not None
+    return out, inputs.q.grad, inputs.k.grad, inputs.v.grad
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.is_causal = causal
+
+
+def varlen_case(batches: list[Batch], causal: bool, max_length: int | None) -> Attention:
+    """The library's packed attention with ``max_length`` (``None``: each batch's longest segment) as max length."""
+    module = _Module(causal)
+    longest = [int(b.segments.max()) for b in batches]
+
+    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        width = longest[i] if max_length is None else max_length
+        b = batches[i]
+        out, _ = varlen_attention_forward(
+            module,
+            heads_first(q),
+            heads_first(k),
+            heads_first(v),
+            None,
+            is_causal=causal,
+            cu_seq_lens_q=b.cu,
+            cu_seq_lens_k=b.cu,
+            max_length_q=width,
+            max_length_k=width,
+        )
+        return out[0]  # (1, T, heads, dim) -> (T, heads, dim)
+
+    return attn
+
+
+class FlexCases:
+    """The flex cases of one (shape, tokens): one compiled ``flex_attention`` and one compiled mask builder for all of
+    them (a second ``torch.compile`` of the same function would compile again), and the current table's prebuilt
+    ``BlockMask`` s per block size (the first build's time kept: it compiles the builder)."""
+
+    def __init__(self, tokens: int, device: torch.device, compiled: bool) -> None:
+        self.tokens, self.device = tokens, device
+        self.flex: Callable[..., Any] = flex_attention
+        self.builder: Callable[..., Any] = create_block_mask
+        if compiled:
+            self.flex = torch.compile(flex_attention, dynamic=False)
+            self.builder = torch.compile(create_block_mask, dynamic=False)
+        self.batches: list[Batch] = []
+        self.masks: dict[int, list[Any]] = {}
+        self.first_build_s: dict[int, float] = {}
+
+    def start(self, batches: list[Batch]) -> None:
+        """A new table: its batches; the previous table's masks are dropped."""
+        self.batches, self.masks, self.first_build_s = batches, {}, {}
+
+    def build(self, i: int, block: int) -> Any:
+        """The ``BlockMask`` of batch ``i`` (``B=None, H=None``: one mask for every row and head)."""
+        mod = self.batches[i].mask_mod
+        return self.builder(mod, None, None, self.tokens, self.tokens, device=self.device, BLOCK_SIZE=block)
+
+    def prebuilt(self, block: int) -> list[Any]:
+        if block not in self.masks:
+            start = _synced()
+            masks = [self.build(0, block)]
+            self.first_build_s[block] = _synced() - start
+            self.masks[block] = masks + [self.build(i, block) for i in range(1, len(self.batches))]
+        return self.masks[block]
+
+    def case(self, name: str) -> Attention:
+        block, options, inside = FLEX[name]
+        masks = None if inside else self.prebuilt(block)
+
+        def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            mask = self.build(i, block) if masks is None else masks[i]
+            out = self.flex(heads_first(q), heads_first(k), heads_first(v), block_mask=mask, kernel_options=options)
+            return out[0].transpose(0, 1)  # (1, heads, T, dim) -> (T, heads, dim)
+
+        return attn
+
+
+def dense_reference(batches: list[Batch], causal: bool) -> Attention:
+    """SDPA with a dense boolean block-diagonal (and causal) mask from the segment lengths (small ``T`` only)."""
+    masks = []
+    for b in batches:
+        mask = torch.block_diag(*(torch.ones(int(n), int(n), dtype=torch.bool) for n in b.segments))
+        masks.append(mask.tril() if causal else mask)
+
+    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        mask = masks[i].to(q.device)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            heads_first(q), heads_first(k), heads_first(v), attn_mask=mask
+        )
+        return out[0].transpose(0, 1)
+
+    return attn
+
+
+def _synced() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _error(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """Frames dynamo compiled and graphs it made so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"]), int(counters["stats"]["unique_graphs"])
+
+
+@dataclasses.dataclass
+class Result:
+    """One case of one table: its windows, first call, differences from the reference, or why it did not run."""
+
+    case: str
+    implementation: str = ""
+    skipped: str | None = None
+    backward: str | None = None  # why the backward did not run (then only the output is compared)
+    first_call_s: float | None = None
+    dynamo_frames: int = 0
+    dynamo_graphs: int = 0
+    windows_ms: list[float] = dataclasses.field(default_factory=list)
+    diff: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    rel_diff: dict[str, float | None] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ms(self) -> float | None:
+        return statistics.median(self.windows_ms) if self.windows_ms else None
+
+
+def _window_ms(attn: Attention, inputs: Inputs, iters: int, count: int) -> float:
+    """ms per forward + backward pass over ``iters`` passes cycling over the ``count`` batches."""
+    if inputs.q.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for it in range(iters):
+            fwd_bwd(attn, it % count, inputs)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / iters
+    t0 = time.perf_counter()
+    for it in range(iters):
+        fwd_bwd(attn, it % count, inputs)
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def _compare(result: Result, got: tuple[torch.Tensor | None, ...], ref: tuple[torch.Tensor, ...]) -> None:
+    """Keep the largest absolute (and relative to max |reference|) difference of each tensor over the batches."""
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        if a is None:
+            result.diff[name] = result.rel_diff[name] = None
+            continue
+        d = float((a.detach().float() - b.float()).abs().max())
+        rel = d / max(float(b.float().abs().max()), 1e-12)
+        result.diff[name] = max(d, result.diff.get(name) or 0.0)
+        result.rel_diff[name] = max(rel, result.rel_diff.get(name) or 0.0)
+
+
+def run_table(
+    shape: str, data: str, tokens: int, args: argparse.Namespace, device: torch.device, flex: FlexCases
+) -> dict[str, Any]:
+    """Every case of one (shape, data, tokens): warm-up, correctness against the reference, the timed windows."""
+    heads, dim, causal = SHAPES[shape]
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    lengths = np.minimum(distribution(data), args.width)
+    batches = [Batch.build(s, tokens, causal, device) for s in packed_lengths(lengths, tokens, args.batches)]
+    inputs = Inputs.random(tokens, heads, dim, dtype, device)
+    flex.start(batches)
+    kernel = varlen_kernel_available(device, dtype)
+    varlen_impl = (
+        ("aten::_flash_attention_forward" if flash_forward_schema_matches() else "varlen_attn")
+        if kernel
+        else "the library's exact fallback (SDPA + block mask): no varlen kernel here"
+    )
+    results: dict[str, Result] = {}
+    attns: dict[str, Attention] = {}
+    for name in args.cases:
+        result = results[name] = Result(name)
+        frames, graphs = _dynamo_counts()
+        try:
+            if name.startswith("varlen"):
+                if device.type == "cuda" and not kernel:
+                    raise RuntimeError(f"no varlen kernel for {dtype} on this device (varlen_kernel_available)")
+                result.implementation = varlen_impl
+                attns[name] = varlen_case(batches, causal, None if name == "varlen_tight" else args.width)
+            else:
+                block, options, inside = FLEX[name]
+                result.implementation = (
+                    f"flex_attention{', compiled' if not args.quick else ', eager'}, BlockMask of {block}"
+                    + (f", kernel_options {options}" if options else "")
+                    + (", mask built in the timed region" if inside else "")
+                )
+                attns[name] = flex.case(name)
+            start = _synced()
+            try:
+                fwd_bwd(attns[name], 0, inputs)
+            except NotImplementedError as error:  # flex on a CPU: no backward
+                if device.type == "cuda":
+                    raise
+                result.backward = _error(error)
+            result.first_call_s = _synced() - start
+            if result.backward is None:
+                for i in range(len(batches)):  # warm-up: every batch once (a per-batch recompile would show here)
+                    fwd_bwd(attns[name], i, inputs)
+            _synced()
+        except Exception as error:
+            result.skipped = _error(error)
+            attns.pop(name, None)
+        now = _dynamo_counts()
+        result.dynamo_frames, result.dynamo_graphs = now[0] - frames, now[1] - graphs
+    # correctness: the reference's output and gradients on each batch, then each case's
+    if args.quick:
+        ref_name, reference = "dense SDPA reference (fp32)", dense_reference(batches, causal)
+    elif "varlen" in attns:
+        ref_name, reference = "varlen", attns["varlen"]
+    else:
+        ref_name, reference = "none (varlen did not run)", None
+    if reference is not None:
+        for i in range(len(batches)):
+            ref = tuple(t.detach().clone() for t in fwd_bwd(reference, i, inputs))
+            for name, attn in attns.items():
+                if results[name].backward is None:
+                    got: tuple[torch.Tensor | None, ...] = fwd_bwd(attn, i, inputs)
+                else:
+                    with torch.no_grad():
+                        got = (attn(i, *(t.detach() for t in inputs.leaves())), None, None, None)
+                _compare(results[name], got, ref)
+    # timing: ABBA over the cases that train
+    timed = [n for n in attns if results[n].backward is None]
+    frames, graphs = _dynamo_counts()
+    for name in abba(timed, args.windows):
+        results[name].windows_ms.append(_window_ms(attns[name], inputs, args.iters, len(batches)))
+    now = _dynamo_counts()
+    base = next((results[n].ms for n in timed), None)
+    cases = []
+    for name in args.cases:
+        r = results[name]
+        row = dataclasses.asdict(r)
+        row["ms"] = r.ms
+        row["x_varlen"] = base / r.ms if base and r.ms else None
+        cases.append(row)
+    longest = max(int(b.segments.max()) for b in batches)
+    return {
+        "shape": shape,
+        "heads": heads,
+        "dim": dim,
+        "causal": causal,
+        "data": data,
+        "tokens": tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batches": len(batches),
+        "samples_per_batch": [int(b.samples.size) for b in batches],
+        "padding_per_batch": [int(tokens - b.samples.sum()) for b in batches],
+        "longest_segment": longest,
+        "sum_squared_lengths_per_batch": [int((b.samples.astype(np.int64) ** 2).sum()) for b in batches],
+        "reference": ref_name,
+        "time_base": timed[0] if timed else None,
+        "mask_first_build_s": dict(flex.first_build_s),
+        "dynamo_frames_during_timing": now[0] - frames,
+        "dynamo_graphs_during_timing": now[1] - graphs,
+        "cases": cases,
+    }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def report_table(table: dict[str, Any], quick: bool) -> str:
+    """One table's title line and markdown table."""
+    samples = table["samples_per_batch"]
+    title = (
+        f"**{table['shape']}** ({table['heads']} heads x {table['dim']}, "
+        f"{'causal' if table['causal'] else 'bidirectional'}), **{table['data']}**, T = {table['tokens']:,} "
+        f"({table['dtype']}): {table['batches']} batches of {min(samples)}-{max(samples)} samples, longest segment "
+        f"{table['longest_segment']}, padding {min(table['padding_per_batch'])}-{max(table['padding_per_batch'])} "
+        f"tokens; differences against {table['reference']}"
+    )
+    if table["mask_first_build_s"]:
+        builds = ", ".join(f"blocks of {b}: {s:.1f} s" for b, s in table["mask_first_build_s"].items())
+        title += f"; first BlockMask build (compile included): {builds}"
+    if table["dynamo_frames_during_timing"] or table["dynamo_graphs_during_timing"]:
+        title += (
+            f"; WARNING: dynamo compiled {table['dynamo_frames_during_timing']} frames "
+            f"({table['dynamo_graphs_during_timing']} graphs) during the timed windows"
+        )
+    rows = []
+    for c in table["cases"]:
+        if c["skipped"]:
+            rows.append([c["case"], f"skipped: {c['skipped'][:120]}", "", "", "", ""])
+            continue
+        d = c["diff"]
+        grads = (
+            f"backward refused: {c['backward'][:60]}"
+            if c["backward"]
+            else " / ".join(_fmt(d.get(k), ".1e") for k in ("dq", "dk", "dv"))
+        )
+        rows.append(
+            [
+                c["case"],
+                _fmt(c["ms"], ".3f"),
+                _fmt(c["x_varlen"], ".2f") + ("x" if c["x_varlen"] else ""),
+                f"{_fmt(c['first_call_s'], '.1f')} ({c['dynamo_frames']} / {c['dynamo_graphs']})",
+                _fmt(d.get("out"), ".1e"),
+                grads,
+            ]
+        )
+    ms = "ms per fwd+bwd (CPU smoke run, not a claim)" if quick else "ms per fwd+bwd"
+    base = table["time_base"] or "the first case"
+    header = [
+        "case",
+        ms,
+        f"x {base}",
+        "first call s (frames / graphs compiled)",
+        "max abs diff out",
+        "max abs diff dq / dk / dv",
+    ]
+    return title + "\n\n" + markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536], help="T, tokens per packed batch")
+    parser.add_argument("--data", nargs="+", choices=DATA, default=list(DATA))
+    parser.add_argument("--shape", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES))
+    parser.add_argument("--batches", type=int, default=8, help="distinct packed batches per table")
+    parser.add_argument("--iters", type=int, default=20, help="timed fwd+bwd passes per window")
+    parser.add_argument("--windows", type=int, default=4, help="timed windows per case, ABBA order")
+    parser.add_argument(
+        "--tolerance", type=float, default=None, help="max abs diff / max |reference| allowed (2e-2; --quick: 1e-4)"
+    )
+    parser.add_argument("--quick", action="store_true", help="CPU, fp32, T=256, flex eager: correctness only")
+    parser.add_argument("--json", default=None, help="write everything here")
+    args = parser.parse_args()
+    args.width = WIDTH
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.tolerance is None:
+        args.tolerance = TOLERANCE["quick" if args.quick else "gpu"]
+    if min(args.batches, args.iters, args.windows) < 1:
+        parser.error("--batches, --iters and --windows must be >= 1")
+    if any(t < args.width or t % 128 for t in args.tokens):
+        parser.error(f"--tokens must be multiples of 128 of at least {args.width}: got {args.tokens}")
+    if not args.quick and not torch.cuda.is_available():
+        parser.error("needs a CUDA device (the varlen kernel and compiled flex attention's backward); use --quick")
+    device = torch.device("cpu" if args.quick else "cuda")
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # no silent fallback to eager (dense) flex attention
+    warnings.filterwarnings("ignore", message=r"flex_attention called without torch\.compile")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    started = time.perf_counter()
+    tables = []
+    for shape in args.shape:
+        for tokens in args.tokens:
+            torch.compiler.reset()  # each (shape, tokens) compiles afresh: no recompile limits from the others
+            flex = FlexCases(tokens, device, compiled=not args.quick)
+            for data in args.data:
+                t0 = time.perf_counter()
+                tables.append(run_table(shape, data, tokens, args, device, flex))
+                print(f"{shape} {data} T={tokens}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    try:
+        import triton
+
+        triton_version = f"triton {triton.__version__}, "
+    except ImportError:
+        triton_version = ""
+    header = (
+        f"Packed attention, forward + backward of the attention op alone, {device_name}: {args.batches} batches per "
+        f"table, median of {args.windows} windows of {args.iters} passes (ABBA); x varlen: varlen's ms / the case's "
+        f"(above 1: faster than varlen); {'CPU smoke run, fp32: correctness only; ' if args.quick else ''}"
+        f"{triton_version}{environment()}"
+    )
+    report = header + "\n\n" + "\n\n".join(report_table(t, args.quick) for t in tables)
+    failures = [
+        f"{t['shape']} {t['data']} T={t['tokens']} {c['case']}: {k} differs by {rel:.2e} of max |reference|"
+        for t in tables
+        for c in t["cases"]
+        for k, rel in c["rel_diff"].items()
+        if rel is not None and rel > args.tolerance
+    ]
+    result = {
+        "header": header,
+        "device": device_name,
+        "torch": torch.__version__,
+        "settings": vars(args),
+        "wall_s": time.perf_counter() - started,
+        "failures": failures,
+        "tables": tables,
+    }
+    write_outputs(result, report, args.json, None, lambda *a: None)
+    print(f"attention_kernels: {result['wall_s']:.0f} s in all", file=sys.stderr, flush=True)
+    if failures:
+        raise SystemExit(
+            f"attention_kernels: {len(failures)} differences above --tolerance {args.tolerance}:\n"
+            + "\n".join(failures)
+        )
+
+
+if __name__ == "__main__":
+    main()
