@@ -146,7 +146,8 @@ def search_token_budget(
         min_tokens: Smallest budget (rounded up to ``multiple``); probed first.
         max_tokens: Largest budget (rounded down to ``multiple``); ``None`` for no bound.
         multiple: Budgets are multiples of this (the step granularity).
-        baseline: Memory at budget 0 (weights and optimizer state), used only to extrapolate from the first probe.
+        baseline: Memory at budget 0 (weights, optimizer state and gradients), used only to extrapolate from the
+            first probe.
         tolerance: Relative precision at which the search stops.
         max_probes: Most probes (distinct measurements, with ``key``).
         max_growth: Most growth of the budget from one probe to the next while no budget has failed.
@@ -528,7 +529,7 @@ class DeviceMemory:
         raise NotImplementedError
 
     def current(self, device: torch.device) -> int:
-        """Bytes allocated now (weights, optimizer state): the memory at budget 0."""
+        """Bytes allocated now (weights, optimizer state; gradients where they exist)."""
         raise NotImplementedError
 
     @contextlib.contextmanager

@@ -750,6 +750,47 @@ def test_the_batch_that_set_the_peak_runs_first_and_a_probe_over_the_limit_stops
     assert probe.first is not None and probe.second is not None and probe.second > probe.first / 2
 
 
+class _ParameterBytes(SavedTensorsMemory):
+    """``current``: the bytes of the module's parameters, their gradients and the optimizer's state tensors."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def current(self, device: torch.device) -> int:
+        params = list(self.module.parameters())
+        state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        grads = [p.grad for p in params if p.grad is not None]
+        return sum(t.numel() * t.element_size() for t in [*params, *grads, *state])
+
+
+class _Baseline(Callback):
+    def on_fit_start(self, trainer, pl_module):
+        memory = _ParameterBytes(10**12)
+        memory.module, memory.optimizer = pl_module, trainer.optimizers[0]
+        prober = StepProber(trainer, pl_module, memory)
+        with prober.preserving_state():
+            prober.prime_optimizer()
+            self.baseline = prober.baseline()
+            self.grads_after = [p.grad for p in pl_module.parameters()]
+            self.params = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+            self.trainable = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
+            self.state = memory.current(pl_module.device) - self.params
+
+
+def test_the_baseline_holds_weights_optimizer_state_and_gradients():
+    """The memory at budget 0 a line extrapolates from: weights, optimizer state and the trainable parameters'
+    gradients (made for the reading, gone after it); frozen parameters have none."""
+    from lightning_txopt.callbacks import FreezeEmbeddings
+
+    probe = _Baseline()
+    dm = BudgetDataModule(SAMPLES)
+    dm.max_tokens = 256
+    _fit([FreezeEmbeddings(), probe], dm, steps=1)
+    assert probe.state > 0 and probe.trainable < probe.params  # AdamW's moments; the frozen embeddings
+    assert probe.baseline == probe.params + probe.state + probe.trainable
+    assert all(g is None for g in probe.grads_after)
+
+
 # ---------------------------------------------------------------------------------------------- on a GPU
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HOLD = 2**24  # bytes per padded token that _Greedy holds through its forward: an H200 fills at ~8,000 tokens
