@@ -37,8 +37,10 @@ reported apart, with dynamo's frame and graph counts; ``torch.compiler.reset()``
 ``BlockMask`` shape per ``T``, so nothing recompiles per batch, and the script says so if something does).
 Compiles: per (shape, tokens) 3 dynamo frames, the mask builder and ``flex_attention`` (in ``flex``'s setup and first
 call) and ``flex_attention`` again for ``flex_k64``'s ``kernel_options``; none for the second data set nor per batch.
-The default run: 4 (shape, tokens), 12 frames (8 flex forward + backward compilations, 4 mask builders), expected to
-take 2-3 minutes on an H200, most of it compiling; ``--cases varlen varlen_tight flex flex_with_mask`` saves 4.
+The default run: 4 (shape, tokens), 12 frames (8 flex forward + backward compilations, 4 mask builders). Measured on
+an H200 (2026-12-01): ``--shape bert --data corpus`` (2 tables) took 232 s, 203 s of it the first table, whose first
+compiled ``create_block_mask`` alone took 193 s (a cold Inductor cache); the default run did not finish in 250 s.
+``--cases varlen varlen_tight flex flex_with_mask`` saves 4 compilations. Results: ``docs/results/issue15_h200.md``.
 Correctness: each case's output and ``dq``/``dk``/``dv`` against ``varlen``'s on every batch; a difference above
 ``--tolerance`` x max |reference| fails the run (after the report is written). ``--quick`` runs on the CPU in fp32:
 256 tokens, lengths clipped to 64, flex eager (no compile), everything against an independent reference, SDPA with

@@ -519,9 +519,9 @@ class TokenBudgetFinder(Callback):
 
     Under DDP every rank probes and all agree on every measurement (the most memory any rank needed; an
     out-of-memory error on one rank counts for all), so they choose the same budget and none hangs. The budget is
-    logged (``token_budget``), kept in the callback's state and saved in checkpoints: a resumed run
-    (``fit(ckpt_path=...)``) uses the saved budget and never probes again. A second ``fit`` with the same callback
-    reuses its budget too.
+    logged (``token_budget``; the info line also lists each probe's budget, outcome and time), kept in the
+    callback's state and saved in checkpoints: a resumed run (``fit(ckpt_path=...)``) uses the saved budget and never
+    probes again. A second ``fit`` with the same callback reuses its budget too.
 
     Needs a CUDA device (it measures CUDA's allocator); on another device it raises. ``memory=`` replaces the
     measurement, e.g. :class:`~lightning_txopt.memory.SavedTensorsMemory` (an estimate for tests and CPU demos).
