@@ -544,7 +544,11 @@ class DeviceMemory:
         yield  # pragma: no cover
 
     def peak(self, device: torch.device) -> int:
-        """Peak bytes of the last :meth:`tracking` block."""
+        """Peak bytes of the last :meth:`tracking` block; inside the block, the peak so far.
+
+        :class:`~lightning_txopt.callbacks.StepProber` reads it after every step of a probe, to stop a probe that is
+        already over its limit and to know which batch set the peak.
+        """
         raise NotImplementedError
 
     def release(self, device: torch.device) -> None:

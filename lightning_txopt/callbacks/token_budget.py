@@ -228,13 +228,19 @@ class StepProber:
         quarter of the budget found.
         """
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and p.grad is None]
-        for p in params:
-            p.grad = torch.zeros_like(p)
         try:
+            for p in params:
+                p.grad = torch.zeros_like(p)
             current = float(self.memory.current(self.device))
+        except Exception as exc:  # no room for the gradients: the first probe will say that min_tokens does not fit
+            if not self.memory.is_out_of_memory(exc):
+                raise
+            current = None
         finally:
             for p in params:
                 p.grad = None
+        if current is None:
+            current = float(self.memory.current(self.device))
         return self.agree([current], "max")[0]
 
     # ------------------------------------------------------------------ state

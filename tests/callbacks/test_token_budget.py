@@ -764,13 +764,29 @@ class _ParameterBytes(SavedTensorsMemory):
 
 
 class _Baseline(Callback):
+    def __init__(self, no_room: bool = False) -> None:
+        self.no_room = no_room  # the gradients' zeros run out of memory
+
     def on_fit_start(self, trainer, pl_module):
         memory = _ParameterBytes(10**12)
         memory.module, memory.optimizer = pl_module, trainer.optimizers[0]
         prober = StepProber(trainer, pl_module, memory)
         with prober.preserving_state():
             prober.prime_optimizer()
-            self.baseline = prober.baseline()
+            if self.no_room:
+                zeros_like, made = torch.zeros_like, []
+
+                def short_of_memory(t: torch.Tensor) -> torch.Tensor:
+                    if made:
+                        raise torch.OutOfMemoryError("no room for a second gradient")
+                    made.append(zeros_like(t))
+                    return made[0]
+
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(torch, "zeros_like", short_of_memory)
+                    self.baseline = prober.baseline()
+            else:
+                self.baseline = prober.baseline()
             self.grads_after = [p.grad for p in pl_module.parameters()]
             self.params = sum(p.numel() * p.element_size() for p in pl_module.parameters())
             self.trainable = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
@@ -788,6 +804,17 @@ def test_the_baseline_holds_weights_optimizer_state_and_gradients():
     _fit([FreezeEmbeddings(), probe], dm, steps=1)
     assert probe.state > 0 and probe.trainable < probe.params  # AdamW's moments; the frozen embeddings
     assert probe.baseline == probe.params + probe.state + probe.trainable
+    assert all(g is None for g in probe.grads_after)
+
+
+def test_the_baseline_without_room_for_the_gradients_is_read_without_them():
+    """Out of memory while making the gradients: the baseline is what is allocated (the first probe then says that
+    min_tokens does not fit, with the finder's message), and no zero gradient is left behind."""
+    probe = _Baseline(no_room=True)
+    dm = BudgetDataModule(SAMPLES)
+    dm.max_tokens = 256
+    _fit([probe], dm, steps=1)
+    assert probe.baseline == probe.params + probe.state
     assert all(g is None for g in probe.grads_after)
 
 
