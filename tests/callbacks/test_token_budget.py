@@ -774,7 +774,8 @@ class _Baseline(Callback):
         with prober.preserving_state():
             prober.prime_optimizer()
             if self.no_room:
-                zeros_like, made = torch.zeros_like, []
+                zeros_like = torch.zeros_like
+                made: list[torch.Tensor] = []
 
                 def short_of_memory(t: torch.Tensor) -> torch.Tensor:
                     if made:
