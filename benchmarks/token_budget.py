@@ -458,11 +458,16 @@ def checkpointing(name: str, args: argparse.Namespace, found: dict[str, Any]) ->
     return {"max_tokens": budget, "auto": chosen, "full": full, "finder_with_checkpointing": larger}
 
 
+def _user_run_logged(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`child_user_run` for ``--user-run``/``--only-user-run``, printed without its per-step list."""
+    user = child_user_run(name, args.verify_epochs or 3, args.fraction)
+    print(f"  {name} user run: {json.dumps({k: v for k, v in user.items() if k != 'per_step'})}", flush=True)
+    return user
+
+
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.only_user_run:
-        user = child_user_run(name, args.verify_epochs or 3, args.fraction)
-        print(f"  {name} user run: {json.dumps({k: v for k, v in user.items() if k != 'per_step'})}", flush=True)
-        return {"model": name, "user_run": user}
+        return {"model": name, "user_run": _user_run_logged(name, args)}
     print(f"{name}: finder...", flush=True)
     found = find(name, args)
     print(f"  {name} finder: max_tokens={found['max_tokens']} in {found['seconds']:.1f} s", flush=True)
@@ -471,8 +476,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
         verify = row["verify"] = run_isolated(name, args.quick, found["max_tokens"], args.verify_epochs)
         print(f"  {name} verify: {json.dumps(verify)}", flush=True)
     if args.user_run:
-        row["user_run"] = user = child_user_run(name, args.verify_epochs or 3, args.fraction)
-        print(f"  {name} user run: {json.dumps({k: v for k, v in user.items() if k != 'per_step'})}", flush=True)
+        row["user_run"] = _user_run_logged(name, args)
     if not args.no_reference:
         row["by_hand"] = by_hand(name, args, found["max_tokens"], found["multiple"], found["limit"])
     if args.checkpointing and name == "bert-bucket":

@@ -343,8 +343,8 @@ class StepProber:
         With ``fresh_optimizer``, after a first step on the first batch that creates the optimizer's state. With a
         ``limit``, the steps stop early once the running peak exceeds it (the measurement fails either way).
 
-        Returns the index in ``batches`` of the batch whose step set the peak, or ``None`` if the memory reader
-        reports no peak before the end (call it inside :meth:`~lightning_txopt.memory.DeviceMemory.tracking`).
+        Returns the index in ``batches`` of the batch whose step set the peak (``None`` when no step ran). Call it
+        inside :meth:`~lightning_txopt.memory.DeviceMemory.tracking`: the peak is read after every step.
         """
         if self.fresh_optimizer:
             rounds: list[list[int]] = [[0]] + [list(range(len(batches)))] * self.steps
