@@ -29,6 +29,14 @@ bidirectional; ``llama`` 16 heads x 64, causal. The cases:
 * ``flex_mask64`` (only with ``--cases``): a 64-block ``BlockMask`` with those tiles. torch 2.11-2.13 choose the
   backward's tiles from configs that must divide the mask's block size (Hopper: 64 x 128 and 128 x 64), so this is
   expected to fail to compile; the error is recorded.
+* ``flex_direct`` / ``flex_direct_k64`` (only with ``--cases``): ``flex`` / ``flex_k64`` with the ``BlockMask``
+  built inside the timed region *without* evaluating ``mask_mod`` over ``T x T``: :func:`document_block_mask` derives
+  each query block's key blocks, partial and full, from the segment boundaries with a few vectorised tensor ops and
+  passes them to ``BlockMask.from_kv_blocks``;
+* ``njt_cudnn`` / ``njt_flash`` (only with ``--cases``, bidirectional only): ``scaled_dot_product_attention`` on
+  jagged nested tensors (``torch.nested.nested_tensor_from_jagged`` over the segment offsets, max length 512 given,
+  so nothing syncs) under ``sdpa_kernel`` with cuDNN's or FlashAttention's backend: the public route to cuDNN's
+  ragged attention.
 
 A case that cannot run (an API this torch lacks, a compile error) is reported with its error, the others go on.
 Timing: CUDA events around ``--iters`` passes (cycling over the batches), ``--windows`` windows in ABBA order over the
@@ -61,7 +69,8 @@ from typing import Any
 import numpy as np
 import torch
 from _common import RECORDED_LENGTHS, environment, markdown_table, write_outputs
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention import SDPBackend
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from workloads import LOGNORMAL, lognormal_lengths
 
 from lightning_txopt.models.attention import (
@@ -73,7 +82,18 @@ from lightning_txopt.models.attention import (
 
 DATA = ("corpus", "lognormal")
 SHAPES: dict[str, tuple[int, int, bool]] = {"bert": (12, 64, False), "llama": (16, 64, True)}  # heads, dim, causal
-CASES = ("varlen", "varlen_tight", "flex", "flex_with_mask", "flex_k64", "flex_mask64")
+CASES = (
+    "varlen",
+    "varlen_tight",
+    "flex",
+    "flex_with_mask",
+    "flex_k64",
+    "flex_mask64",
+    "flex_direct",
+    "flex_direct_k64",
+    "njt_cudnn",
+    "njt_flash",
+)
 DEFAULT_CASES = CASES[:5]
 WIDTH = 512  # the packed rows' width: the longest sample, and the max length the static-shape path passes
 QUICK = {"tokens": [256], "width": 64, "batches": 2, "iters": 2, "windows": 2}
@@ -298,6 +318,72 @@ class FlexCases:
         return attn
 
 
+def document_block_mask(cu: torch.Tensor, tokens: int, block: int, causal: bool, mask_mod: Any) -> Any:
+    """The document ``BlockMask`` of segments ``cu`` (int32 boundaries over ``tokens``), built from the boundaries.
+
+    Query block ``i``'s keys lie in the blocks from the start of its first token's segment to the end of its last
+    token's (and not after block ``i`` when causal); a block pair is *full* (``mask_mod`` skipped) when both blocks lie
+    inside one segment (and, causal, the key block is before the query block). O(blocks^2) tensor ops, no evaluation
+    of ``mask_mod`` over ``tokens x tokens``; equal to ``create_block_mask``'s (checked by the run's correctness pass).
+    """
+    n = tokens // block
+    starts = torch.arange(n, device=cu.device) * block
+    bounds = cu.long()
+    doc = torch.searchsorted(bounds, torch.stack([starts, starts + block - 1]), right=True) - 1  # (2, n): first/last
+    first, last = doc[0], doc[1]
+    lo = bounds[first] // block
+    hi = (bounds[last + 1] - 1) // block
+    j = torch.arange(n, device=cu.device)
+    in_range = (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+    single = first == last
+    full = in_range & single[:, None] & single[None, :] & (first[:, None] == first[None, :])
+    if causal:
+        in_range &= j[None, :] <= j[:, None]
+        full &= j[None, :] < j[:, None]
+    partial = in_range & ~full
+
+    def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num = dense.sum(-1, dtype=torch.int32)
+        idx = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num[None, None], idx[None, None]
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(tokens, tokens)
+    )
+
+
+def direct_flex_case(flex: Any, batches: list[Batch], tokens: int, causal: bool, options: Any) -> Attention:
+    """Compiled flex attention, its mask built in the timed region by :func:`document_block_mask`."""
+
+    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b = batches[i]
+        mask = document_block_mask(b.cu, tokens, 128, causal, b.mask_mod)
+        out = flex(heads_first(q), heads_first(k), heads_first(v), block_mask=mask, kernel_options=options)
+        return out[0].transpose(0, 1)
+
+    return attn
+
+
+def njt_case(batches: list[Batch], backend: Any, width: int) -> Attention:
+    """SDPA over jagged nested tensors (one component per segment) under one SDPA backend."""
+    from torch.nn.attention import sdpa_kernel
+
+    offsets = [b.cu.long() for b in batches]
+
+    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def nested(x: torch.Tensor) -> torch.Tensor:
+            nt = torch.nested.nested_tensor_from_jagged(x, offsets[i], min_seqlen=1, max_seqlen=width)
+            return nt.transpose(1, 2)  # (segments, heads, j, dim)
+
+        with sdpa_kernel([backend]):
+            out = torch.nn.functional.scaled_dot_product_attention(nested(q), nested(k), nested(v))
+        return out.transpose(1, 2).values()  # (T, heads, dim)
+
+    return attn
+
+
 def dense_reference(batches: list[Batch], causal: bool) -> Attention:
     """SDPA with a dense boolean block-diagonal (and causal) mask from the segment lengths (small ``T`` only)."""
     masks = []
@@ -408,6 +494,20 @@ def run_table(
                     raise RuntimeError(f"no varlen kernel for {dtype} on this device (varlen_kernel_available)")
                 result.implementation = varlen_impl
                 attns[name] = varlen_case(batches, causal, None if name == "varlen_tight" else args.width)
+            elif name.startswith("njt_"):
+                if causal:
+                    raise RuntimeError("nested-tensor SDPA refuses is_causal: bidirectional shapes only")
+                backend = SDPBackend.CUDNN_ATTENTION if name == "njt_cudnn" else SDPBackend.FLASH_ATTENTION
+                result.implementation = f"SDPA on jagged nested tensors, {backend.name}"
+                attns[name] = njt_case(batches, backend, args.width)
+            elif name.startswith("flex_direct"):
+                options = TILES_64 if name.endswith("k64") else None
+                result.implementation = (
+                    f"flex_attention{', compiled' if not args.quick else ', eager'}, BlockMask of 128 from the "
+                    f"boundaries (document_block_mask) in the timed region"
+                    + (f", kernel_options {options}" if options else "")
+                )
+                attns[name] = direct_flex_case(flex.flex, batches, tokens, causal, options)
             else:
                 block, options, inside = FLEX[name]
                 result.implementation = (

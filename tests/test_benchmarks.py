@@ -600,3 +600,75 @@ def test_attention_kernels_fails_loudly_above_the_tolerance(tmp_path: Path) -> N
     assert proc.returncode == 1 and "differences above --tolerance 1e-12" in proc.stderr, proc.stderr[-2000:]
     failures = json.loads(out.read_text())["failures"]  # the report was written first
     assert failures and all(" flex" in f and ": out differs by " in f for f in failures), failures
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_kernels_builds_the_document_block_mask_from_the_boundaries(bench: Any, causal: bool) -> None:
+    kernels = bench("attention_kernels")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tokens = 2048
+    lengths = np.minimum(kernels.distribution("lognormal"), 512)
+    for seed in range(6):  # short and long samples, samples across block edges, a padding segment or none
+        samples = kernels.packed_lengths(lengths, tokens, 2, seed=seed)[seed % 2]
+        batch = kernels.Batch.build(samples, tokens, causal, torch.device("cpu"))
+        ref = create_block_mask(batch.mask_mod, None, None, tokens, tokens, device="cpu", BLOCK_SIZE=128)
+        got = kernels.document_block_mask(batch.cu, tokens, 128, causal, batch.mask_mod)
+        assert torch.equal(got.to_dense(), ref.to_dense())  # the same blocks are read
+        for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name  # and the same ones skip the mask
+    one = kernels.Batch.build(np.array([300, 200]), 512, causal, torch.device("cpu"))  # by hand: blocks of 128
+    mask = kernels.document_block_mask(one.cu, 512, 128, causal, one.mask_mod)
+    # sample 1 fills blocks 0-1 and part of 2; sample 2 the rest of 2 and part of 3; padding the end of 3
+    expected_full = [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    if causal:
+        expected_full = [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    full = torch.zeros(4, 4, dtype=torch.int64)
+    for i in range(4):
+        for j in mask.full_kv_indices[0, 0, i, : int(mask.full_kv_num_blocks[0, 0, i])].tolist():
+            full[i, j] = 1
+    assert full.tolist() == expected_full
+
+
+def test_attention_kernels_quick_runs_the_optional_cases(tmp_path: Path) -> None:
+    out = tmp_path / "ak.json"
+    cases = ("varlen", "flex_direct", "flex_direct_k64", "njt_flash", "njt_cudnn")
+    args = ("--quick", "--data", "corpus", "--cases", *cases, "--json", str(out))
+    _ok(_run("attention_kernels.py", *args, timeout=300))
+    tables = {t["shape"]: {c["case"]: c for c in t["cases"]} for t in json.loads(out.read_text())["tables"]}
+    for shape, found in tables.items():
+        for name in ("flex_direct", "flex_direct_k64"):  # the mask from the boundaries gives the reference output
+            assert found[name]["skipped"] is None and found[name]["rel_diff"]["out"] < 1e-4, found[name]
+        for name in ("njt_flash", "njt_cudnn"):  # no such kernel on a CPU, and no causal nested SDPA: reported
+            reason = found[name]["skipped"]
+            assert reason and ("is_causal" in reason if shape == "llama" else "backend" in reason), reason
+
+
+# ---------------------------------------------------------------------------------------------------- step syncs
+def test_step_syncs_quick() -> None:
+    stdout = _ok(_run("step_syncs.py", "--quick", "--profiled", "3", timeout=300))
+    assert "packed static shapes, 2048 tokens per batch, compile=False" in stdout
+    assert "profiled 3 steps:" in stdout and "Optimizer.step" in stdout  # the whole step runs in the profiled window
+    assert "host syncs" not in stdout  # the sync check needs CUDA
+
+
+def test_step_syncs_counts_each_launch_copy_and_sync_per_step(bench: Any) -> None:
+    syncs = bench("step_syncs")
+
+    class Event:
+        def __init__(self, key: str, cpu_us: float, count: int) -> None:
+            self.key, self.cpu_time_total, self.count = key, cpu_us, count
+
+    events = [
+        Event("Optimizer.step#AdamW.step", 40_000, 2),
+        Event("cuLaunchKernel", 1_000, 900),
+        Event("cudaLaunchKernel", 500, 300),
+        Event("Memcpy HtoD (Pinned -> Device)", 0, 16),
+        Event("cudaStreamSynchronize", 200, 2),
+    ]
+    summary = syncs.summarize(events, 2, 0.08)
+    assert summary["wall_ms_per_step"] == pytest.approx(40.0)
+    assert summary["kernel_launches_per_step"] == 600
+    assert summary["top_host_ops"][0] == {"name": "Optimizer.step#AdamW.step", "host_ms": 20.0, "calls": 1.0}
+    assert [e["name"] for e in summary["copies"]] == ["Memcpy HtoD (Pinned -> Device)"]
+    assert [(e["name"], e["calls"]) for e in summary["synchronize_calls"]] == [("cudaStreamSynchronize", 1.0)]
