@@ -110,12 +110,21 @@ TILES_64 = {
     "bwd_BLOCK_N2": 64,
     "bwd_num_warps": 4,
 }
-#: case -> (BlockMask block size, kernel_options, mask built inside the timed region)
-FLEX: dict[str, tuple[int, dict[str, int] | None, bool]] = {
-    "flex": (128, None, False),
-    "flex_with_mask": (128, None, True),
-    "flex_k64": (128, TILES_64, False),
-    "flex_mask64": (64, TILES_64, False),
+#: Where a flex case's ``BlockMask`` is built: ``create_block_mask`` before the timed region or inside it, or
+#: :func:`document_block_mask` from the segment boundaries inside it; the words the report adds for it.
+MASK_BUILDS = {
+    "before": "",
+    "timed": ", mask built in the timed region",
+    "boundaries": ", mask built in the timed region from the boundaries (document_block_mask)",
+}
+#: case -> (BlockMask block size, kernel_options, where its mask is built: a key of MASK_BUILDS)
+FLEX: dict[str, tuple[int, dict[str, int] | None, str]] = {
+    "flex": (128, None, "before"),
+    "flex_with_mask": (128, None, "timed"),
+    "flex_k64": (128, TILES_64, "before"),
+    "flex_mask64": (64, TILES_64, "before"),
+    "flex_direct": (128, None, "boundaries"),
+    "flex_direct_k64": (128, TILES_64, "boundaries"),
 }
 
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -199,13 +208,14 @@ class Batch:
     cu: torch.Tensor
     doc: torch.Tensor
     mask_mod: Callable[..., torch.Tensor]
+    causal: bool
 
     @classmethod
     def build(cls, samples: np.ndarray, tokens: int, causal: bool, device: torch.device) -> Batch:
         seg = segments(samples, tokens)
         cu = torch.tensor(np.concatenate([[0], np.cumsum(seg)]), dtype=torch.int32, device=device)
         doc = segment_ids(cu, tokens)
-        return cls(samples, seg, cu, doc, document_mask(doc, causal))
+        return cls(samples, seg, cu, doc, document_mask(doc, causal), causal)
 
 
 @dataclasses.dataclass
@@ -307,11 +317,19 @@ class FlexCases:
         return self.masks[block]
 
     def case(self, name: str) -> Attention:
-        block, options, inside = FLEX[name]
-        masks = None if inside else self.prebuilt(block)
+        block, options, where = FLEX[name]
+        masks = self.prebuilt(block) if where == "before" else None
+
+        def mask_of(i: int) -> Any:
+            if masks is not None:
+                return masks[i]
+            if where == "boundaries":
+                b = self.batches[i]
+                return document_block_mask(b.cu, self.tokens, block, b.causal, b.mask_mod)
+            return self.build(i, block)
 
         def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            mask = self.build(i, block) if masks is None else masks[i]
+            mask = mask_of(i)
             out = self.flex(heads_first(q), heads_first(k), heads_first(v), block_mask=mask, kernel_options=options)
             return out[0].transpose(0, 1)  # (1, heads, T, dim) -> (T, heads, dim)
 
@@ -352,18 +370,6 @@ def document_block_mask(cu: torch.Tensor, tokens: int, block: int, causal: bool,
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(tokens, tokens)
     )
-
-
-def direct_flex_case(flex: Any, batches: list[Batch], tokens: int, causal: bool, options: Any) -> Attention:
-    """Compiled flex attention, its mask built in the timed region by :func:`document_block_mask`."""
-
-    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b = batches[i]
-        mask = document_block_mask(b.cu, tokens, 128, causal, b.mask_mod)
-        out = flex(heads_first(q), heads_first(k), heads_first(v), block_mask=mask, kernel_options=options)
-        return out[0].transpose(0, 1)
-
-    return attn
 
 
 def njt_case(batches: list[Batch], backend: Any, width: int) -> Attention:
@@ -500,20 +506,12 @@ def run_table(
                 backend = SDPBackend.CUDNN_ATTENTION if name == "njt_cudnn" else SDPBackend.FLASH_ATTENTION
                 result.implementation = f"SDPA on jagged nested tensors, {backend.name}"
                 attns[name] = njt_case(batches, backend, args.width)
-            elif name.startswith("flex_direct"):
-                options = TILES_64 if name.endswith("k64") else None
-                result.implementation = (
-                    f"flex_attention{', compiled' if not args.quick else ', eager'}, BlockMask of 128 from the "
-                    f"boundaries (document_block_mask) in the timed region"
-                    + (f", kernel_options {options}" if options else "")
-                )
-                attns[name] = direct_flex_case(flex.flex, batches, tokens, causal, options)
             else:
-                block, options, inside = FLEX[name]
+                block, options, where = FLEX[name]
                 result.implementation = (
                     f"flex_attention{', compiled' if not args.quick else ', eager'}, BlockMask of {block}"
                     + (f", kernel_options {options}" if options else "")
-                    + (", mask built in the timed region" if inside else "")
+                    + MASK_BUILDS[where]
                 )
                 attns[name] = flex.case(name)
             start = _synced()

@@ -452,10 +452,12 @@ class GradientCheckpointing(Callback):
         if self.every_n_layers != "auto":
             self._enable(pl_module, self.every_n_layers)
             return
-        from lightning_txopt.callbacks.token_budget import _prepare
+        from lightning_txopt.callbacks.token_budget import prepare_memory
 
         memory = self.memory if self.memory is not None else CudaMemory()
-        _prepare(memory, trainer.strategy.root_device, "GradientCheckpointing(every_n_layers='auto')")  # before .to()
+        prepare_memory(
+            memory, trainer.strategy.root_device, "GradientCheckpointing(every_n_layers='auto')"
+        )  # before .to()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -480,7 +480,7 @@ def _probe_log(search: BudgetSearch) -> str:
     return ", ".join(parts)
 
 
-def _prepare(memory: DeviceMemory, device: torch.device, who: str) -> None:
+def prepare_memory(memory: DeviceMemory, device: torch.device, who: str) -> None:
     """``memory.prepare(device)`` (CudaMemory: expandable segments on), and the log line of what it changed."""
     changed = memory.prepare(device)
     if changed is not None:
@@ -610,7 +610,7 @@ class TokenBudgetFinder(Callback):
         if not pl_module.automatic_optimization:
             raise ValueError("TokenBudgetFinder probes automatic optimisation; set max_tokens by hand instead.")
         _check_datamodule(trainer, "TokenBudgetFinder")
-        _prepare(self.memory, trainer.strategy.root_device, "TokenBudgetFinder")  # a saved budget needs it too
+        prepare_memory(self.memory, trainer.strategy.root_device, "TokenBudgetFinder")  # a saved budget needs it too
 
     def _bounds(self, datamodule: Any) -> tuple[int, int, int | None]:
         base = int(datamodule.token_budget_multiple)
@@ -777,7 +777,7 @@ def fit_checkpointing(
         )
     memory = memory if memory is not None else CudaMemory()
     memory.check(pl_module.device)
-    _prepare(memory, pl_module.device, "Checkpointing to a memory target")
+    prepare_memory(memory, pl_module.device, "Checkpointing to a memory target")
     advice = memory.advice()
     if advice is not None:
         rank_zero_warn(f"Checkpointing to a memory target: {advice}")
