@@ -672,3 +672,15 @@ def test_step_syncs_counts_each_launch_copy_and_sync_per_step(bench: Any) -> Non
     assert summary["top_host_ops"][0] == {"name": "Optimizer.step#AdamW.step", "host_ms": 20.0, "calls": 1.0}
     assert [e["name"] for e in summary["copies"]] == ["Memcpy HtoD (Pinned -> Device)"]
     assert [(e["name"], e["calls"]) for e in summary["synchronize_calls"]] == [("cudaStreamSynchronize", 1.0)]
+
+
+def test_attention_kernels_can_make_dynamo_fail_at_its_recompile_limit(bench: Any) -> None:
+    kernels = bench("attention_kernels")
+    config = torch._dynamo.config
+    assert hasattr(config, "fail_on_recompile_limit_hit")  # fails loudly if torch renames or drops the switch
+    before = bool(config.fail_on_recompile_limit_hit)
+    try:
+        assert kernels.fail_on_recompile_limit()
+        assert config.fail_on_recompile_limit_hit is True
+    finally:
+        config.fail_on_recompile_limit_hit = before
