@@ -68,6 +68,12 @@ def _auto_attention() -> bool:
     return True
 
 
+def _compile_mode() -> bool:
+    from lightning_txopt.module import TransformerModule
+
+    return _init_has(TransformerModule, "compile_mode")
+
+
 def _predict_dataset() -> bool:
     from lightning_txopt.data import BucketDataModule
 
@@ -104,6 +110,7 @@ def _batch_rebalance() -> bool:
 PIECES: dict[str, tuple[str, Callable[[], bool]]] = {
     "static_shapes": ("BucketDataModule(static_shapes=...) (issue #15)", _static_shapes),
     "module_compile": ("TransformerModule(compile=...) (issue #15)", _module_compile),
+    "compile_mode": ("TransformerModule(compile_mode=...) (issue #15)", _compile_mode),
     "auto_attention": ('TransformerModule(attn_implementation="auto"), the varlen kernel (issue #15)', _auto_attention),
     "predict_dataset": ("BucketDataModule(predict_dataset=...) (issue #20)", _predict_dataset),
     "predict_dataloader": ("BucketDataModule.predict_dataloader (issue #20)", _predict_dataloader),

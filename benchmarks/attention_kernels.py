@@ -33,6 +33,15 @@ bidirectional; ``llama`` 16 heads x 64, causal. The cases:
   built inside the timed region *without* evaluating ``mask_mod`` over ``T x T``: :func:`document_block_mask` derives
   each query block's key blocks, partial and full, from the segment boundaries with a few vectorised tensor ops and
   passes them to ``BlockMask.from_kv_blocks``;
+* ``varlen_static`` (only with ``--cases``): ``varlen`` with the static-shape layout's segment count: the padding
+  as runs of at most 512 tokens (one per row of 512) and empty segments up to ``slots + rows`` segments, ``slots`` the
+  most samples of the table's batches plus 10%, rounded up to 8 (the DataModule's own count is of that order: 464 at
+  16,384 tokens on the corpus). Every segment is a block row of FlashAttention's grid, empty or not: this case
+  measures what the empty ones cost;
+* ``varlen_split`` (only with ``--cases``): two varlen calls, the samples longer than 128 tokens with max length 512
+  and the others (and the padding, in runs of at most 128) with max length 128, so that a short sample occupies one
+  query block of the grid instead of four; the tokens are gathered into that order and the output scattered back
+  inside the timed region (what a layout that placed long samples first would save, less those copies);
 * ``njt_cudnn`` / ``njt_flash`` (only with ``--cases``, bidirectional only): ``scaled_dot_product_attention`` on
   jagged nested tensors (``torch.nested.nested_tensor_from_jagged`` over the segment offsets, max length 512 given,
   so nothing syncs) under ``sdpa_kernel`` with cuDNN's or FlashAttention's backend: the public route to cuDNN's
@@ -93,6 +102,8 @@ CASES = (
     "flex_direct_k64",
     "njt_cudnn",
     "njt_flash",
+    "varlen_static",
+    "varlen_split",
 )
 DEFAULT_CASES = CASES[:5]
 WIDTH = 512  # the packed rows' width: the longest sample, and the max length the static-shape path passes
@@ -279,6 +290,94 @@ def varlen_case(batches: list[Batch], causal: bool, max_length: int | None) -> A
             max_length_k=width,
         )
         return out[0]  # (1, T, heads, dim) -> (T, heads, dim)
+
+    return attn
+
+
+SPLIT = 128  # varlen_split: samples of at most this many tokens go to the second call (one query block of 128)
+
+
+def static_segments(samples: np.ndarray, tokens: int, slots: int, width: int) -> np.ndarray:
+    """The segments of ``samples`` packed in ``tokens`` as the static layout counts them: the samples, the padding in
+    runs of at most ``width`` tokens (one per row), then empty segments up to ``slots + tokens // width`` in all.
+
+    Example:
+        >>> static_segments(np.array([300, 212]), 1024, 4, 512).tolist()
+        [300, 212, 512, 0, 0, 0]
+    """
+    pad = tokens - int(samples.sum())
+    runs = [width] * (pad // width) + ([pad % width] if pad % width else [])
+    out = np.concatenate([samples, np.array(runs, dtype=np.int64)])
+    total = slots + tokens // width
+    if out.size > total:
+        raise ValueError(f"{out.size} segments exceed the static layout's {total} (slots={slots})")
+    return np.concatenate([out, np.zeros(total - out.size, dtype=np.int64)])
+
+
+def _cu(lengths: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+
+
+def varlen_static_case(batches: list[Batch], causal: bool, slots: int, tokens: int, width: int) -> Attention:
+    """``varlen`` over the static layout's segments (:func:`static_segments`), max length ``width``."""
+    module = _Module(causal)
+    cus = [_cu(static_segments(b.samples, tokens, slots, width), b.cu.device) for b in batches]
+
+    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, _ = varlen_attention_forward(
+            module, heads_first(q), heads_first(k), heads_first(v), None, is_causal=causal,
+            cu_seq_lens_q=cus[i], cu_seq_lens_k=cus[i], max_length_q=width, max_length_k=width,
+        )  # fmt: skip
+        return out[0]
+
+    return attn
+
+
+def varlen_split_case(batches: list[Batch], causal: bool, width: int) -> Attention:
+    """Two varlen calls: segments longer than ``SPLIT`` (max length ``width``), then the rest (max length ``SPLIT``),
+    on the tokens gathered long segments first; the output scattered back to the batch's order."""
+    module = _Module(causal)
+    plans = []
+    for b in batches:
+        seg = b.segments.astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(seg)[:-1]])
+        long = seg > SPLIT
+        pieces = []  # short side: segments of at most SPLIT tokens (a long padding run cut into pieces)
+        for start, n in zip(starts[~long], seg[~long], strict=True):
+            pieces += [(start + j, min(SPLIT, n - j)) for j in range(0, n, SPLIT)]
+        long_segs = [(int(a), int(n)) for a, n in zip(starts[long], seg[long], strict=True) if n > 0]
+        order = np.concatenate([np.arange(a, a + n) for a, n in long_segs + pieces])
+        device = b.cu.device
+        perm = torch.tensor(order, dtype=torch.long, device=device)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=device)
+        split = int(sum(n for _, n in long_segs))
+        plans.append(
+            (
+                perm,
+                inverse,
+                split,
+                _cu(np.array([n for _, n in long_segs]), device),
+                _cu(np.array([n for _, n in pieces]), device),
+            )
+        )
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int) -> torch.Tensor:
+        out, _ = varlen_attention_forward(
+            module, heads_first(q), heads_first(k), heads_first(v), None, is_causal=causal,
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width,
+        )  # fmt: skip
+        return out[0]
+
+    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        perm, inverse, split, cu_long, cu_short = plans[i]
+        qp, kp, vp = (x.index_select(0, perm) for x in (q, k, v))
+        parts = []
+        if split:
+            parts.append(call(qp[:split], kp[:split], vp[:split], cu_long, width))
+        if split < qp.shape[0]:
+            parts.append(call(qp[split:], kp[split:], vp[split:], cu_short, SPLIT))
+        return torch.cat(parts).index_select(0, inverse)
 
     return attn
 
@@ -513,7 +612,17 @@ def run_table(
                 if device.type == "cuda" and not kernel:
                     raise RuntimeError(f"no varlen kernel for {dtype} on this device (varlen_kernel_available)")
                 result.implementation = varlen_impl
-                attns[name] = varlen_case(batches, causal, None if name == "varlen_tight" else args.width)
+                if name == "varlen_static":
+                    slots = int(-(-int(1.1 * max(b.samples.size for b in batches)) // 8) * 8)
+                    result.implementation += f", static layout: {slots} slots + {tokens // args.width} rows"
+                    attns[name] = varlen_static_case(batches, causal, slots, tokens, args.width)
+                elif name == "varlen_split":
+                    result.implementation += (
+                        f", two calls: segments > {SPLIT} (max {args.width}), the rest (max {SPLIT})"
+                    )
+                    attns[name] = varlen_split_case(batches, causal, args.width)
+                else:
+                    attns[name] = varlen_case(batches, causal, None if name == "varlen_tight" else args.width)
             elif name.startswith("njt_"):
                 if causal:
                     raise RuntimeError("nested-tensor SDPA refuses is_causal: bidirectional shapes only")

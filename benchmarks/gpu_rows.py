@@ -287,6 +287,16 @@ def issue15_rows(settings: Settings) -> list[Row]:
                     **common,
                 ),
                 Row(
+                    f"packed_static_cudagraphs.{key}",
+                    f'{data} lengths: packed rows of 512, max_tokens={b}, static shapes, attn "auto" (varlen), '
+                    'compile=True, compile_mode="reduce-overhead" (CUDA graphs)',
+                    options=dict(static, compile_mode="reduce-overhead"),
+                    requires=(auto, "static_shapes", "module_compile", "compile_mode"),
+                    warmup=cw,
+                    data=data,
+                    **common,
+                ),
+                Row(
                     f"bucket_compile_ladder.{key}",
                     f"{data} lengths: BucketDataModule max_tokens={b}, pad_to_lengths ladder, sdpa, compile=True",
                     options=dict(max_tokens=b, pad_to_lengths=LADDER, module_compile=True),

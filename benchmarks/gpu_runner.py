@@ -363,6 +363,7 @@ def lightning_row(
     causal: bool = False,
     attn_implementation: str = "sdpa",
     module_compile: bool | None = None,
+    compile_mode: str | None = None,
     flops: bool = False,
 ) -> dict[str, Any]:
     """One Lightning run. ``model_compile``: ``None`` (eager), ``"default"`` (``model.compile()``: dynamo specialises
@@ -371,7 +372,8 @@ def lightning_row(
     ``accumulate``: batches per optimizer step (an ``AccumulationScheduler`` among ``callbacks`` must say the same):
     the row still times ``--steps`` batches, so its tokens/s compare with the other rows'. ``static_shapes``,
     ``attn_implementation`` and ``module_compile`` (``TransformerModule(compile=...)``) are issue #15's API; the first
-    and last are passed only when set, so rows that do not use them run on a library without them."""
+    and last are passed only when set, so rows that do not use them run on a library without them (``compile_mode``
+    too: ``"reduce-overhead"`` replays the compiled graphs as CUDA graphs)."""
     cuda = torch.cuda.is_available()
     warm = settings.warmup if warmup is None else warmup
     if error := window_error(warm, settings.steps, accumulate):
@@ -394,6 +396,8 @@ def lightning_row(
     counter = dm.counter
     torch.manual_seed(0)
     new_module: dict[str, Any] = {} if module_compile is None else {"compile": module_compile}
+    if compile_mode is not None:  # TransformerModule(compile_mode=...): passed only when set, like the two above
+        new_module["compile_mode"] = compile_mode
     if module_compile:
         torch._dynamo.reset()
     module = TransformerModule(**workload.module_kwargs(), attn_implementation=attn_implementation, **new_module)

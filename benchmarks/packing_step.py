@@ -3,6 +3,7 @@
     python benchmarks/packing_step.py                # H200, BERT-base shape, 16,384 tokens per batch (~2 minutes)
     python benchmarks/packing_step.py --quick        # CPU smoke run (tiny BERT)
     python benchmarks/packing_step.py --profile      # + where each case's step time goes (kernels, host gaps)
+    python benchmarks/packing_step.py --cases "bucket sdpa eager" "packed static compile reduce-overhead"
 
 Isolates the model step from the data path: 50 batches of each layout are collated and moved to the GPU first, then
 every case trains 15 untimed steps (compilation included) and 4 timed windows of 30 steps in ABBA order, with
@@ -40,6 +41,21 @@ BERT_BASE = dict(
     attention_probs_dropout_prob=0.0,
 )
 TINY = dict(BERT_BASE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+_PACKED = dict(strategy="packed", max_length=512)
+_STATIC = dict(_PACKED, static_shapes=True)
+#: case -> (BucketDataModule arguments, TransformerModule arguments). The ``compile_mode`` cases are
+#: ``TransformerModule(compile=True, compile_mode=...)``: CUDA graphs, and Inductor's autotuned kernel choices.
+CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "bucket sdpa eager": (dict(strategy="bucket"), dict(attn_implementation="sdpa")),
+    "packed varlen eager": (_PACKED, {}),
+    "packed static compile": (_STATIC, dict(compile=True)),
+    "packed static compile reduce-overhead": (_STATIC, dict(compile=True, compile_mode="reduce-overhead")),
+    "packed static compile max-autotune-no-cudagraphs": (
+        _STATIC,
+        dict(compile=True, compile_mode="max-autotune-no-cudagraphs"),
+    ),
+}
+DEFAULT_CASES = tuple(CASES)[:3]
 
 
 class Case:
@@ -134,6 +150,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (CPU smoke run)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--profile", action="store_true", help="also profile 5 steps of each case (see above)")
+    parser.add_argument(
+        "--cases", nargs="+", choices=tuple(CASES), default=list(DEFAULT_CASES), help="the first is the ratios' base"
+    )
     args = parser.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)
     rng = np.random.default_rng(0)
@@ -141,12 +160,7 @@ def main() -> None:
     samples = [{"input_ids": rng.integers(1000, 30000, int(n)), "labels": int(rng.integers(40))} for n in lengths]
     config = TINY if args.quick else BERT_BASE
     tokens, steps = (2048, 3) if args.quick else (args.tokens, args.steps)
-    packed = dict(strategy="packed", max_length=512)
-    cases = [
-        Case("bucket sdpa eager", samples, tokens, config, dict(strategy="bucket"), dict(attn_implementation="sdpa")),
-        Case("packed varlen eager", samples, tokens, config, packed, {}),
-        Case("packed static compile", samples, tokens, config, dict(packed, static_shapes=True), dict(compile=True)),
-    ]
+    cases = [Case(name, samples, tokens, config, *CASES[name]) for name in args.cases]
     for case in cases:
         start = time.perf_counter()
         for _ in range(3 if args.quick else 15):

@@ -2,11 +2,14 @@
 
 python examples/packing.py --limit 512 --max-length 128 --max-tokens 4096
 python examples/packing.py --limit 512 --max-length 128 --max-tokens 4096 --compile
+python examples/packing.py --max-tokens 16384 --compile --compile-mode reduce-overhead --precision bf16-mixed  # GPU
 
 Samples are concatenated into rows of max_length tokens, max_tokens // max_length rows per batch; the batch carries
 the samples' boundaries and no mask. TransformerModule runs packed rows on FlashAttention's variable-length kernel on
 a CUDA GPU in bf16/fp16 (add --precision bf16-mixed there), and on an exact block-masked SDPA elsewhere. With
---compile every batch has the same shapes (static_shapes=True), so torch.compile compiles the model once.
+--compile every batch has the same shapes (static_shapes=True), so torch.compile compiles the model once;
+--compile-mode reduce-overhead then replays the compiled graphs as CUDA graphs (on a GPU: docs/packing.md says when
+that is faster).
 """
 
 import argparse
@@ -22,6 +25,7 @@ parser.add_argument("--limit", type=int, default=None, help="a seeded random sub
 parser.add_argument("--max-length", type=int, default=512, help="texts are truncated to this many tokens")
 parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch")  # <-
 parser.add_argument("--compile", action="store_true", help="static shapes + torch.compile")  # <-
+parser.add_argument("--compile-mode", default=None, help="with --compile: e.g. reduce-overhead (CUDA graphs)")  # <-
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: no limit)")
 parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the pretrained MiniLM")
@@ -43,12 +47,14 @@ if args.tiny:
         num_labels=datamodule.num_labels,
         learning_rate=1e-4,
         compile=args.compile,  # <-
+        compile_mode=args.compile_mode,  # <- None: torch's default; "reduce-overhead": CUDA graphs
     )
 else:
     model = TransformerModule(
         str(default_tokenizer_path()),  # the pretrained all-MiniLM-L6-v2
         num_labels=datamodule.num_labels,
         compile=args.compile,  # <-
+        compile_mode=args.compile_mode,  # <- None: torch's default; "reduce-overhead": CUDA graphs
     )
 monitor = TokenThroughputMonitor()  # only measures: real (non-padding) tokens per second of training
 trainer = pl.Trainer(

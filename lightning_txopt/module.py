@@ -43,6 +43,8 @@ __all__ = ["TASKS", "TransformerModule", "linear_warmup_decay"]
 Task = Literal["sequence-classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
 LossReduction = Literal["auto", "mean", "sum"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -135,6 +137,10 @@ class TransformerModule(pl.LightningModule):
         compile: Run the model under ``torch.compile`` (compiled on first use). With static shapes
             (``BucketDataModule(strategy="packed", static_shapes=True)``) it compiles once; with bucketed batches,
             ``pad_to_lengths`` bounds the number of shapes, hence of recompilations.
+        compile_mode: ``torch.compile``'s ``mode`` with ``compile=True``: ``None`` (torch's default), ``"default"``,
+            ``"reduce-overhead"`` (CUDA graphs: replays each compiled graph with one launch; static shapes only, and
+            the graphs' memory is kept between steps), ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``
+            (Inductor benchmarks kernel choices, GEMMs included, at the first compile: minutes longer).
         loss_reduction: ``"auto"``, ``"mean"`` or ``"sum"`` (see the loss contract above).
         head_lr_factor: The task head's learning rate is ``learning_rate * head_lr_factor`` (same schedule). The head
             is every parameter outside the backbone (``model.base_model``): a classifier's freshly initialised
@@ -145,7 +151,8 @@ class TransformerModule(pl.LightningModule):
 
     Raises:
         ValueError: If neither or both of ``model``/``config`` are given, on an unknown task, or on a learning rate,
-            warm-up, head factor or chunk size out of range.
+            warm-up, head factor or chunk size out of range, or on a ``compile_mode`` that is unknown or given
+            without ``compile=True``.
 
     Example:
         >>> import torch
@@ -175,6 +182,7 @@ class TransformerModule(pl.LightningModule):
         loss_reduction: LossReduction = "auto",
         loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         compile: bool = False,
+        compile_mode: CompileMode | None = None,
     ) -> None:
         super().__init__()
         if (model is None) == (config is None):
@@ -186,6 +194,10 @@ class TransformerModule(pl.LightningModule):
         if not head_lr_factor > 0:
             raise ValueError(f"`head_lr_factor` must be > 0, got {head_lr_factor!r}.")
         check_positive_int("loss_chunk_size", loss_chunk_size, optional=True)
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"`compile_mode` must be one of {COMPILE_MODES} or None, got {compile_mode!r}.")
+        if compile_mode is not None and not compile:
+            raise ValueError(f"`compile_mode={compile_mode!r}` needs `compile=True`: without it nothing is compiled.")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
         self.save_hyperparameters(ignore=["config"] if not isinstance(config, dict | None) else None)
@@ -201,6 +213,7 @@ class TransformerModule(pl.LightningModule):
         self.head_lr_factor = head_lr_factor
         self.loss_reduction: LossReduction = loss_reduction
         self.compile_model = compile
+        self.compile_mode: CompileMode | None = compile_mode
         self.loss_chunk_size = loss_chunk_size
         self._chunked: bool | None = None  # whether the chunked loss applies to this model (checked at first use)
         self._loss_in_progress_bar = True
@@ -267,7 +280,7 @@ class TransformerModule(pl.LightningModule):
         if not self.compile_model:
             return module
         if name not in self._compiled:
-            self._compiled[name] = torch.compile(module)
+            self._compiled[name] = torch.compile(module, mode=self.compile_mode)
         return self._compiled[name]
 
     def _check_packed(self) -> PackingSupport:

@@ -279,7 +279,7 @@ def test_rows_are_named_once_and_chosen_by_name_or_group(bench: Any) -> None:
         "compile_ladder",
     }
     issue15 = select(rows, ["issue15"])
-    assert len(issue15) == 22 and all(r.flops and not r.default for r in issue15)
+    assert len(issue15) == 26 and all(r.flops and not r.default for r in issue15)
     assert {r.options["max_tokens"] for r in issue15} == {16_384, 65_536}
     assert {r.name for r in select(rows, ["decoder"])} == {
         "llama_bucket.corpus.16k",

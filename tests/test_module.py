@@ -239,6 +239,34 @@ def test_compiled_model_does_not_recompile_with_static_packed_shapes(monkeypatch
     assert frames[0] >= 1 and len(set(frames)) == 1  # graphs made by the first step only: no recompilation
 
 
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    import functools
+
+    seen: list[Any] = []
+
+    def spy(module: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("mode"))
+        return functools.partial(module.__call__)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    module = TransformerModule(config=BERT, num_labels=3, compile=True, compile_mode="reduce-overhead")
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    module.loss_and_items({**batch, "labels": torch.tensor([1])}, "mean")
+    assert seen == ["reduce-overhead"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(compile=True, compile_mode="fast"), r"compile_mode.*one of.*'fast'"),
+        (dict(compile_mode="reduce-overhead"), r"compile_mode='reduce-overhead'.*needs `compile=True`"),
+    ],
+)
+def test_a_bad_compile_mode_is_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformerModule(config=BERT, num_labels=3, **kwargs)
+
+
 @pytest.mark.parametrize("where", ["training step", "backward pass"])
 def test_an_out_of_memory_error_explains_the_batch_and_the_budget(where):
     dm = BucketDataModule(make_samples(20, seed=1), pad_token_id=0, max_tokens=96)
