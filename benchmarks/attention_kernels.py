@@ -88,6 +88,7 @@ from lightning_txopt.models.attention import (
     varlen_attention_forward,
     varlen_kernel_available,
 )
+from lightning_txopt.utils.checks import round_up
 
 DATA = ("corpus", "lognormal")
 SHAPES: dict[str, tuple[int, int, bool]] = {"bert": (12, 64, False), "llama": (16, 64, True)}  # heads, dim, causal
@@ -210,6 +211,11 @@ def document_mask(doc: torch.Tensor, causal: bool) -> Callable[..., torch.Tensor
     return same_document
 
 
+def _cu(lengths: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int32 boundaries ``[0, l0, l0 + l1, ...]`` of segments of ``lengths``, on ``device``."""
+    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+
+
 @dataclasses.dataclass
 class Batch:
     """One packed batch: its segments' boundaries and each token's segment, on the device."""
@@ -224,7 +230,7 @@ class Batch:
     @classmethod
     def build(cls, samples: np.ndarray, tokens: int, causal: bool, device: torch.device) -> Batch:
         seg = segments(samples, tokens)
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(seg)]), dtype=torch.int32, device=device)
+        cu = _cu(seg, device)
         doc = segment_ids(cu, tokens)
         return cls(samples, seg, cu, doc, document_mask(doc, causal), causal)
 
@@ -269,27 +275,22 @@ class _Module(torch.nn.Module):
         self.is_causal = causal
 
 
+def _varlen(module: _Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int) -> Any:
+    """The library's packed attention on ``(T, heads, dim)`` tensors over segments ``cu``, max length ``width``."""
+    out, _ = varlen_attention_forward(
+        module, heads_first(q), heads_first(k), heads_first(v), None, is_causal=module.is_causal,
+        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width,
+    )  # fmt: skip
+    return out[0]  # (1, T, heads, dim) -> (T, heads, dim)
+
+
 def varlen_case(batches: list[Batch], causal: bool, max_length: int | None) -> Attention:
     """The library's packed attention with ``max_length`` (``None``: each batch's longest segment) as max length."""
     module = _Module(causal)
     longest = [int(b.segments.max()) for b in batches]
 
     def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        width = longest[i] if max_length is None else max_length
-        b = batches[i]
-        out, _ = varlen_attention_forward(
-            module,
-            heads_first(q),
-            heads_first(k),
-            heads_first(v),
-            None,
-            is_causal=causal,
-            cu_seq_lens_q=b.cu,
-            cu_seq_lens_k=b.cu,
-            max_length_q=width,
-            max_length_k=width,
-        )
-        return out[0]  # (1, T, heads, dim) -> (T, heads, dim)
+        return _varlen(module, q, k, v, batches[i].cu, longest[i] if max_length is None else max_length)
 
     return attn
 
@@ -314,21 +315,13 @@ def static_segments(samples: np.ndarray, tokens: int, slots: int, width: int) ->
     return np.concatenate([out, np.zeros(total - out.size, dtype=np.int64)])
 
 
-def _cu(lengths: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
-
-
 def varlen_static_case(batches: list[Batch], causal: bool, slots: int, tokens: int, width: int) -> Attention:
     """``varlen`` over the static layout's segments (:func:`static_segments`), max length ``width``."""
     module = _Module(causal)
     cus = [_cu(static_segments(b.samples, tokens, slots, width), b.cu.device) for b in batches]
 
     def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, _ = varlen_attention_forward(
-            module, heads_first(q), heads_first(k), heads_first(v), None, is_causal=causal,
-            cu_seq_lens_q=cus[i], cu_seq_lens_k=cus[i], max_length_q=width, max_length_k=width,
-        )  # fmt: skip
-        return out[0]
+        return _varlen(module, q, k, v, cus[i], width)
 
     return attn
 
@@ -362,21 +355,14 @@ def varlen_split_case(batches: list[Batch], causal: bool, width: int) -> Attenti
             )
         )
 
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int) -> torch.Tensor:
-        out, _ = varlen_attention_forward(
-            module, heads_first(q), heads_first(k), heads_first(v), None, is_causal=causal,
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width,
-        )  # fmt: skip
-        return out[0]
-
     def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         perm, inverse, split, cu_long, cu_short = plans[i]
         qp, kp, vp = (x.index_select(0, perm) for x in (q, k, v))
         parts = []
         if split:
-            parts.append(call(qp[:split], kp[:split], vp[:split], cu_long, width))
+            parts.append(_varlen(module, qp[:split], kp[:split], vp[:split], cu_long, width))
         if split < qp.shape[0]:
-            parts.append(call(qp[split:], kp[split:], vp[split:], cu_short, SPLIT))
+            parts.append(_varlen(module, qp[split:], kp[split:], vp[split:], cu_short, SPLIT))
         return torch.cat(parts).index_select(0, inverse)
 
     return attn
@@ -613,7 +599,7 @@ def run_table(
                     raise RuntimeError(f"no varlen kernel for {dtype} on this device (varlen_kernel_available)")
                 result.implementation = varlen_impl
                 if name == "varlen_static":
-                    slots = int(-(-int(1.1 * max(b.samples.size for b in batches)) // 8) * 8)
+                    slots = int(round_up(int(1.1 * max(b.samples.size for b in batches)), 8))
                     result.implementation += f", static layout: {slots} slots + {tokens // args.width} rows"
                     attns[name] = varlen_static_case(batches, causal, slots, tokens, args.width)
                 elif name == "varlen_split":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -44,7 +44,7 @@ Task = Literal["sequence-classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
 LossReduction = Literal["auto", "mean", "sum"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 

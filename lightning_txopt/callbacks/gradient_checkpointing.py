@@ -455,9 +455,8 @@ class GradientCheckpointing(Callback):
         from lightning_txopt.callbacks.token_budget import prepare_memory
 
         memory = self.memory if self.memory is not None else CudaMemory()
-        prepare_memory(
-            memory, trainer.strategy.root_device, "GradientCheckpointing(every_n_layers='auto')"
-        )  # before .to()
+        # before .to(): the model's weights are not on the device yet
+        prepare_memory(memory, trainer.strategy.root_device, "GradientCheckpointing(every_n_layers='auto')")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

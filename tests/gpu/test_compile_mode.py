@@ -15,7 +15,7 @@ import torch
 from lightning_txopt import BucketDataModule
 from lightning_txopt.models.attention import varlen_kernel_available
 from lightning_txopt.module import CompileMode, TransformerModule
-from tests.helpers import cpu_trainer, make_samples
+from tests.helpers import BERT_DICT, cpu_trainer, make_samples
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,21 +25,12 @@ pytestmark = [
     ),
 ]
 
-BERT = dict(
-    model_type="bert",
-    vocab_size=100,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=128,
-    max_position_embeddings=64,
-    hidden_dropout_prob=0.0,  # no random numbers: both modes must give the same losses step for step
-    attention_probs_dropout_prob=0.0,
-)
+# no dropout (the helpers' tiny BERT): both modes must give the same losses step for step
+BERT = dict(BERT_DICT, vocab_size=100, hidden_size=64, intermediate_size=128)
 
 
 def _fit(mode: CompileMode | None) -> tuple[list[float], float]:
-    torch._dynamo.reset()
+    torch.compiler.reset()
     samples = make_samples(240, seed=7, max_len=60)
     dm = BucketDataModule(
         samples[:200],
