@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from workloads import FLOPS_FORMULA, Workload, build_workload, model_flops, peak_tflops
 
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
+from lightning_txopt.data.flat import SampleBatch
 from lightning_txopt.module import TransformerModule
 
 __all__ = [
@@ -71,7 +72,9 @@ class Window:
         }
 
 
-def _lengths(samples: Sequence[dict[str, Any]]) -> list[int]:
+def _lengths(samples: Sequence[dict[str, Any]] | SampleBatch) -> list[int]:
+    if isinstance(samples, SampleBatch):  # the DataModule's loader reads lists of samples as columns
+        return samples.lengths.tolist()
     return [len(s["input_ids"]) for s in samples]
 
 

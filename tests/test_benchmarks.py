@@ -684,3 +684,10 @@ def test_attention_kernels_can_make_dynamo_fail_at_its_recompile_limit(bench: An
         assert config.fail_on_recompile_limit_hit is True
     finally:
         config.fail_on_recompile_limit_hit = before
+
+
+def test_collate_speed_compares_both_paths_batch_for_batch() -> None:
+    stdout = _ok(_run("collate_speed.py", "--quick", "--tokens", "2048", "--repeats", "1", "--data", "corpus"))
+    assert "both paths gave the same batches" in stdout
+    cells = _cells(stdout, "corpus, packed, static shapes, max_tokens 2048")
+    assert int(cells[1]) > 0 and float(cells[4]) > 0

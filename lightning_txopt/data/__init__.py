@@ -1,8 +1,9 @@
-"""Length-aware batching: lengths, planning, sampler, collator, DataModule and padding report."""
+"""Length-aware batching: lengths, planning, sampler, collators, samples as columns, DataModule, padding report."""
 
 from lightning_txopt.data.collator import PaddingCollator, pad_sequences, padded_widths
 from lightning_txopt.data.corpus import load_fortunes
 from lightning_txopt.data.datamodule import BucketDataModule
+from lightning_txopt.data.flat import FlatSamples, SampleBatch
 from lightning_txopt.data.fortunes import FortunesDataModule
 from lightning_txopt.data.lengths import compute_lengths
 from lightning_txopt.data.packing import PackingCollator
@@ -15,10 +16,12 @@ __all__ = [
     "BucketBatchSampler",
     "BucketDataModule",
     "EpochPlan",
+    "FlatSamples",
     "FortunesDataModule",
     "PackingCollator",
     "PaddingCollator",
     "PaddingRow",
+    "SampleBatch",
     "TextDataModule",
     "compute_lengths",
     "load_fortunes",

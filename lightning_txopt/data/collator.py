@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
+from lightning_txopt.data.flat import SampleBatch, as_sample_batch, concatenated
 from lightning_txopt.utils.checks import check_positive_int, round_up
 
 __all__ = ["PaddingCollator", "pad_sequences", "padded_widths"]
 
 _PADDINGS = ("longest", "max_length")
 _SIDES = ("right", "left")
-
-
-def _as_1d(value: Any, key: str, index: int) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    if arr.ndim != 1:
-        raise ValueError(f"Sample {index}: {key!r} must be one-dimensional, got shape {arr.shape}.")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) and arr.size:
-        raise TypeError(f"Sample {index}: {key!r} holds {arr.dtype} values; only numbers can be padded.")
-    return arr
 
 
 def padded_widths(
@@ -69,12 +59,17 @@ def pad_sequences(
         [[0, 1, 2, 3], [0, 0, 0, 4]]
     """
     lens = np.fromiter((s.size for s in sequences), dtype=np.int64, count=len(sequences))
-    dtype = np.result_type(*[s.dtype for s in sequences if s.size], np.asarray(pad_value).dtype) if lens.any() else int
-    out = np.full((len(sequences), length), pad_value, dtype=dtype)
     cols = np.arange(length)
     mask = cols < lens[:, None] if side == "right" else cols >= (length - lens)[:, None]
-    if lens.any():
-        out[mask] = np.concatenate([s for s in sequences if s.size])
+    return _pad_flat(concatenated(sequences), mask, pad_value)
+
+
+def _pad_flat(flat: np.ndarray, mask: np.ndarray, pad_value: int | float) -> np.ndarray:
+    """A ``mask.shape`` array of ``pad_value`` whose ``True`` cells (row-major) take ``flat``'s values in order."""
+    dtype = np.result_type(flat.dtype, np.asarray(pad_value).dtype) if flat.size else int
+    out = np.full(mask.shape, pad_value, dtype=dtype)
+    if flat.size:
+        out[mask] = flat
     return out
 
 
@@ -112,6 +107,10 @@ class PaddingCollator:
         >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()
         ([[101, 7, 102], [101, 102, 0]], [[1, 1, 1], [1, 1, 0]], [1, 0])
     """
+
+    #: Takes a batch's samples as columns (:class:`~lightning_txopt.data.flat.SampleBatch`) as well as a list of
+    #: mappings: ``BucketDataModule`` then reads in-memory datasets as columns (``flat_samples``).
+    accepts_columns: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -212,60 +211,40 @@ class PaddingCollator:
             return self.label_pad_token_id
         return 0
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Collate ``samples`` (mappings) into a dict of tensors."""
-        if not samples:
-            raise ValueError("Cannot collate an empty list of samples.")
+    def __call__(self, samples: Sequence[Mapping[str, Any]] | SampleBatch) -> dict[str, torch.Tensor]:
+        """Collate ``samples`` into a dict of tensors.
+
+        ``samples``: mappings, or their columns as a :class:`~lightning_txopt.data.flat.SampleBatch`.
+        """
         key = self.input_key
-        first = samples[0]
-        if not isinstance(first, Mapping):
-            raise TypeError(f"PaddingCollator expects mappings (dicts) of features, got {type(first).__name__}.")
-        if key not in first:
-            raise KeyError(f"Samples have no {key!r} key (keys: {sorted(first)}). Tokenise them first.")
-        ids = [_as_1d(s[key], key, i) for i, s in enumerate(samples)]
-        lens = full_lens = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
+        batch = as_sample_batch(samples, key)
+        lens = batch.lengths
         if self.max_length is not None and lens.max() > self.max_length:
-            if self.truncation:
-                ids = [a[: self.max_length] for a in ids]
-                lens = np.minimum(lens, self.max_length)
-            else:
+            if not self.truncation:
                 i = int(np.argmax(lens))
                 raise ValueError(
                     f"Sample {i} of the batch has {int(lens[i])} tokens > max_length={self.max_length}. "
                     "Truncate when tokenising, or pass truncation=True to cut it here."
                 )
+            batch = batch.truncated(self.max_length)
+            lens = batch.lengths
         width = self.padded_length(int(lens.max()))
-        side = self.padding_side
-        out: dict[str, torch.Tensor] = {key: torch.from_numpy(pad_sequences(ids, width, self.pad_token_id, side=side))}
-        if "attention_mask" not in first:
-            mask = np.arange(width) < lens[:, None] if side == "right" else np.arange(width) >= (width - lens)[:, None]
+        cols = np.arange(width)
+        mask = cols < lens[:, None] if self.padding_side == "right" else cols >= (width - lens)[:, None]
+        out: dict[str, torch.Tensor] = {key: torch.from_numpy(_pad_flat(batch.tokens[key], mask, self.pad_token_id))}
+        if "attention_mask" not in batch.keys:
             out["attention_mask"] = torch.from_numpy(mask.astype(np.int64))
-        for name in first:
+        for name in batch.keys:
             if name == key:
                 continue
-            values = [s[name] for s in samples]
-            if isinstance(values[0], str | bytes) or values[0] is None:
-                raise TypeError(
-                    f"Cannot collate key {name!r}: it holds {type(values[0]).__name__} values. Remove non-numeric "
-                    "columns before batching (e.g. `dataset.remove_columns([...])`)."
-                )
-            arrays = [np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for v in values]
             target = "labels" if name in ("label", "labels", "label_ids") else name
-            if arrays[0].ndim == 0 or not self._is_per_token(arrays, full_lens):
-                if any(a.shape != arrays[0].shape for a in arrays):
-                    raise ValueError(
-                        f"Cannot pad key {name!r}: its per-sample lengths differ from those of {key!r}. Only "
-                        "per-token features can be padded; remove the column or pad it yourself."
-                    )
-                out[target] = torch.as_tensor(np.stack(arrays))
-                continue
-            seqs = [_as_1d(a, name, i)[: lens[i]] for i, a in enumerate(arrays)]
-            out[target] = torch.from_numpy(pad_sequences(seqs, width, self._pad_value(target), side=side))
+            if name in batch.tokens:
+                out[target] = torch.from_numpy(_pad_flat(batch.tokens[name], mask, self._pad_value(target)))
+            elif name in batch.values:
+                out[target] = torch.as_tensor(batch.values[name])
+            else:
+                raise ValueError(
+                    f"Cannot pad key {name!r}: its per-sample lengths differ from those of {key!r}. Only "
+                    "per-token features can be padded; remove the column or pad it yourself."
+                )
         return out
-
-    @staticmethod
-    def _is_per_token(arrays: Sequence[np.ndarray], lens: np.ndarray) -> bool:
-        if any(a.ndim != 1 for a in arrays):
-            return False
-        sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-        return bool(np.all(sizes == lens))

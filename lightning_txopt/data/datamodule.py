@@ -8,10 +8,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_txopt.data.collator import PaddingCollator
+from lightning_txopt.data.flat import FlatSamples
 from lightning_txopt.data.lengths import compute_lengths
 from lightning_txopt.data.packing import PackingCollator
 from lightning_txopt.data.planning import OversizePolicy, next_fit_rows, worst_case_batches
@@ -115,6 +117,12 @@ class BucketDataModule(pl.LightningDataModule):
         causal: ``"packed"`` only: per-token labels are next-token targets, so each sample's first label is ignored
             (no token learns to predict the next sample). Attention masks are the model's business: causal models
             attend causally whatever this says.
+        flat_samples: Where a split's dataset is a list or tuple of mappings of numbers, its loader reads the samples
+            as columns built once (:class:`~lightning_txopt.data.flat.FlatSamples`): each batch is gathered and
+            collated with no Python work per sample, and is the same batch, element for element. Other datasets (a
+            Hugging Face ``datasets.Dataset``, your own ``Dataset``), samples that do not fit columns, and collators
+            that do not declare ``accepts_columns`` keep the per-sample path. ``False``: always the per-sample path
+            (the columns are a second copy of the tokens in memory).
 
     Raises:
         ValueError: On invalid or conflicting arguments (named in the message).
@@ -158,6 +166,7 @@ class BucketDataModule(pl.LightningDataModule):
         padding_side: Literal["right", "left"] = "right",
         label_pad_token_id: int = -100,
         causal: bool = False,
+        flat_samples: bool = True,
     ) -> None:
         super().__init__()
         if strategy not in DATA_STRATEGIES:
@@ -243,6 +252,7 @@ class BucketDataModule(pl.LightningDataModule):
         self.padding_side: Literal["right", "left"] = padding_side
         self.label_pad_token_id = label_pad_token_id
         self.causal = causal
+        self.flat_samples = flat_samples
         self._padding: PaddingCollator | None = None
         if strategy != "packed":  # checks its arguments now
             self._padding = PaddingCollator(
@@ -259,6 +269,7 @@ class BucketDataModule(pl.LightningDataModule):
         self._lengths: dict[str, np.ndarray] = {}
         self._slots: dict[tuple[str, int], int] = {}  # static shapes: (split, budget) -> sample slots
         self._train_sampler: BucketBatchSampler | None = None
+        self._columns: dict[str, tuple[int, int, Any]] = {}  # split -> (id, len, the dataset its loader reads)
 
     # ------------------------------------------------------------------ budgets
     @property
@@ -367,6 +378,7 @@ class BucketDataModule(pl.LightningDataModule):
         for split, dataset in built.items():
             if dataset is not None and (split not in self.datasets or self.datasets[split] is not dataset):
                 self._lengths.pop(split, None)
+                self._columns.pop(split, None)
                 self._slots = {key: n for key, n in self._slots.items() if key[0] != split}
             self.datasets[split] = dataset
 
@@ -469,10 +481,36 @@ class BucketDataModule(pl.LightningDataModule):
             max_samples=slots,
         )
 
+    def loader_dataset(self, split: str) -> Any:
+        """The dataset a split's loader reads, built once per dataset.
+
+        That is the samples as columns (``flat_samples``) where that works, else the samples themselves (evaluation
+        splits: each with its ``index``).
+
+        Example:
+            >>> dm = BucketDataModule([{"input_ids": [5, 6]}, {"input_ids": [7]}], pad_token_id=0, batch_size=2)
+            >>> type(dm.loader_dataset("train")).__name__
+            'FlatSamples'
+        """
+        dataset = self.datasets[split]
+        key = (id(dataset), len(dataset))
+        cached = self._columns.get(split)
+        if cached is not None and cached[:2] == key:
+            return cached[2]
+        evaluation = split != "train"
+        chosen: Any = _Indexed(dataset) if evaluation else dataset
+        collate = self.collator_for(split)
+        if self.flat_samples and isinstance(dataset, list | tuple) and getattr(collate, "accepts_columns", False):
+            try:
+                chosen = FlatSamples(dataset, input_key=self.length_key, with_index=evaluation)
+            except (ValueError, TypeError, KeyError) as err:  # the per-sample path collates them, or says what is wrong
+                rank_zero_debug(f"{split} samples read one by one, not as columns: {err}")
+        self._columns[split] = (*key, chosen)
+        return chosen
+
     def _loader(self, split: str, sampler: BucketBatchSampler, cls: type[DataLoader] = DataLoader, **extra: Any) -> Any:
-        dataset = self.datasets[split] if split == "train" else _Indexed(self.datasets[split])
         return cls(
-            dataset,
+            self.loader_dataset(split),
             batch_sampler=sampler,
             collate_fn=self.collator_for(split),
             num_workers=self.num_workers,

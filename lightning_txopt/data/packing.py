@@ -33,12 +33,12 @@ to ``num_slots + rows`` segments; ``max_length_q`` is then ``pack_length``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from lightning_txopt.data.collator import _as_1d
+from lightning_txopt.data.flat import SampleBatch, as_sample_batch
 from lightning_txopt.data.planning import next_fit_rows
 from lightning_txopt.utils.checks import check_positive_int
 
@@ -56,10 +56,6 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
         (True, False)
     """
     return "cu_seq_lens_q" in batch
-
-
-def _values(samples: Sequence[Mapping[str, Any]], name: str) -> list[np.ndarray]:
-    return [np.asarray(s[name].detach().cpu() if isinstance(s[name], torch.Tensor) else s[name]) for s in samples]
 
 
 class PackingCollator:
@@ -95,6 +91,10 @@ class PackingCollator:
         >>> static["input_ids"].tolist(), static["cu_seq_lens_q"].tolist()
         ([[5, 6, 7, 8], [0, 0, 0, 0]], [0, 3, 4, 4, 8, 8])
     """
+
+    #: Takes a batch's samples as columns (:class:`~lightning_txopt.data.flat.SampleBatch`) as well as a list of
+    #: mappings: ``BucketDataModule`` then reads in-memory datasets as columns (``flat_samples``).
+    accepts_columns: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -139,13 +139,14 @@ class PackingCollator:
         """Whether every batch has the same shapes (``rows`` and ``num_slots`` set)."""
         return self.rows is not None
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Pack ``samples`` (in the planner's order) into rows."""
-        if not samples:
-            raise ValueError("Cannot collate an empty list of samples.")
+    def __call__(self, samples: Sequence[Mapping[str, Any]] | SampleBatch) -> dict[str, Any]:
+        """Pack ``samples`` (in the planner's order) into rows.
+
+        ``samples``: mappings, or their columns as a :class:`~lightning_txopt.data.flat.SampleBatch`.
+        """
         key = self.input_key
-        ids = [_as_1d(s[key], key, i) for i, s in enumerate(samples)]
-        full_lens = lens = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
+        batch = as_sample_batch(samples, key)
+        lens = batch.lengths
         if (lens == 0).any():
             raise ValueError(f"Sample {int(np.argmin(lens))} has no tokens; remove empty samples before packing.")
         if self.max_length is not None and lens.max() > self.max_length:
@@ -155,8 +156,8 @@ class PackingCollator:
                     f"Sample {i} of the batch has {int(lens[i])} tokens > max_length={self.max_length}. Truncate when "
                     "tokenising, or pass truncation=True to cut it here."
                 )
-            ids = [a[: self.max_length] for a in ids]
-            lens = np.minimum(lens, self.max_length)
+            batch = batch.truncated(self.max_length)
+            lens = batch.lengths
         n = lens.size
         capacity = self.pack_length if self.pack_length is not None else int(lens.sum())
         if lens.max() > capacity:
@@ -187,7 +188,7 @@ class PackingCollator:
         flat = tok_row * width + tok_col  # where each real token goes in the (rows * width) grid
 
         input_ids = np.full(n_rows * width, self.pad_token_id, dtype=np.int64)
-        input_ids[flat] = np.concatenate(ids)
+        input_ids[flat] = batch.tokens[key]
         position_ids = np.zeros(n_rows * width, dtype=np.int64)  # padding: position 0, whatever the row's width
         position_ids[flat] = offset_in_sample
         position_ids += self.position_offset
@@ -228,32 +229,28 @@ class PackingCollator:
             "cls_index": per_sample(np.stack([row_of, start], 1), 0),
             "last_index": per_sample(np.stack([row_of, start + lens - 1], 1), 0),
         }
-        first = samples[0]
-        if "labels" in first or "label" in first:
-            name = "labels" if "labels" in first else "label"
-            arrays = _values(samples, name)
-            if all(a.ndim == 0 for a in arrays):
-                out["labels"] = per_sample(np.stack(arrays), self.label_pad_token_id)
-            elif all(a.ndim == 1 and a.size == m for a, m in zip(arrays, full_lens.tolist(), strict=True)):
+        keys = batch.keys
+        if "labels" in keys or "label" in keys:
+            name = "labels" if "labels" in keys else "label"
+            if name in batch.tokens:
                 labels = np.full(n_rows * width, self.label_pad_token_id, dtype=np.int64)
-                labels[flat] = np.concatenate([a[:m] for a, m in zip(arrays, lens.tolist(), strict=True)])
+                labels[flat] = batch.tokens[name]
                 if self.causal:  # nothing predicts a sample's first token
                     labels[row_of * width + start] = self.label_pad_token_id
                 out["labels"] = torch.from_numpy(labels.reshape(n_rows, width))
+            elif name in batch.values and batch.values[name].ndim == 1:
+                out["labels"] = per_sample(batch.values[name], self.label_pad_token_id)
             else:
                 raise ValueError("Cannot pack labels: give one scalar label per sample or one label per token.")
-        for name in first:
+        for name in keys:
             if name in (key, "labels", "label", "attention_mask", "position_ids"):
                 continue  # rebuilt above (packed rows need no attention mask: the boundaries say it)
-            if isinstance(first[name], str | bytes) or first[name] is None:
-                raise TypeError(f"Cannot collate key {name!r}: it holds {type(first[name]).__name__} values.")
-            arrays = _values(samples, name)
-            if all(a.ndim == 0 for a in arrays):  # per-sample numbers (ids, weights): one entry per sample
-                out[name] = per_sample(np.stack(arrays), -1 if name == "index" else 0)
-            elif all(a.ndim == 1 and a.size == m for a, m in zip(arrays, full_lens.tolist(), strict=True)):
-                packed = np.zeros(n_rows * width, dtype=arrays[0].dtype)
-                packed[flat] = np.concatenate([a[:m] for a, m in zip(arrays, lens.tolist(), strict=True)])
+            if name in batch.tokens:
+                packed = np.zeros(n_rows * width, dtype=batch.tokens[name].dtype)
+                packed[flat] = batch.tokens[name]
                 out[name] = torch.from_numpy(packed.reshape(n_rows, width))
+            elif name in batch.values and batch.values[name].ndim == 1:  # one number per sample (ids, weights)
+                out[name] = per_sample(batch.values[name], -1 if name == "index" else 0)
             else:
                 raise ValueError(f"Cannot pack key {name!r}: neither one number per sample nor one per token.")
         return out

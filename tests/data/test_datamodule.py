@@ -268,3 +268,99 @@ def test_packed_probe_batches_hold_the_most_rows_and_the_most_samples(static_sha
     loader = [shape(b) for b in dm.train_dataloader()]
     assert max(r for r, _ in probes) == max(r for r, _ in loader)
     assert max(n for _, n in probes) == max(n for _, n in loader)
+
+
+class _OwnDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[dict]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+
+def _batches(dm: BucketDataModule, split: str) -> list[dict]:
+    loader = getattr(
+        dm, {"train": "train_dataloader", "val": "val_dataloader", "predict": "predict_dataloader"}[split]
+    )()
+    return list(loader)
+
+
+def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert list(x) == list(y)
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(strategy="bucket", max_tokens=160),
+        dict(strategy="dynamic", batch_size=4, pad_to_multiple_of=8),
+        dict(strategy="fixed", batch_size=4, max_length=64),
+        dict(strategy="bucket", max_tokens=160, max_length=24, truncation=True),
+        dict(strategy="packed", max_tokens=256, max_length=64),
+        dict(strategy="packed", max_tokens=256, max_length=64, static_shapes=True),
+    ],
+)
+def test_flat_samples_give_the_same_batches_as_the_samples_one_by_one(kwargs):
+    samples = make_samples(120, seed=1)
+    for sample in samples[::2]:  # ids as lists and as arrays, mixed
+        sample["input_ids"] = np.asarray(sample["input_ids"])
+    held_out = make_samples(30, seed=2)
+    dms = {
+        flat: BucketDataModule(
+            samples, held_out, predict_dataset=held_out, pad_token_id=0, seed=3, flat_samples=flat, **kwargs
+        )
+        for flat in (True, False)
+    }
+    for dm in dms.values():
+        dm.setup("fit")
+    assert type(dms[True].loader_dataset("train")).__name__ == "FlatSamples"
+    assert dms[False].loader_dataset("train") is samples
+    for split in ("train", "val", "predict"):
+        _assert_same_batches(_batches(dms[True], split), _batches(dms[False], split))
+
+
+def test_flat_samples_only_for_lists_of_mappings_that_fit_columns():
+    samples = make_samples(20, seed=1)
+    own = _OwnDataset(samples)
+    dm = BucketDataModule(own, pad_token_id=0, batch_size=4)
+    assert dm.loader_dataset("train") is own
+    ragged = [{**s, "spans": list(range(i % 3))} for i, s in enumerate(samples)]
+    dm = BucketDataModule(ragged, pad_token_id=0, batch_size=4, shuffle=False)
+    assert dm.loader_dataset("train") is ragged  # the per-sample path collates them, or says what is wrong
+    with pytest.raises(ValueError, match="Cannot pad key 'spans'"):
+        list(dm.train_dataloader())
+
+
+def test_flat_samples_follow_a_new_dataset_from_setup():
+    class Rebuilt(BucketDataModule):
+        def build_datasets(self, stage):
+            return {"train": make_samples(10 + self.rounds, seed=self.rounds)}
+
+    dm = Rebuilt(pad_token_id=0, batch_size=4)
+    dm.rounds = 0
+    dm.setup("fit")
+    first = dm.loader_dataset("train")
+    assert dm.loader_dataset("train") is first  # built once
+    dm.rounds = 1
+    dm.setup("fit")
+    assert len(dm.loader_dataset("train")) == 11
+
+
+def test_flat_samples_through_worker_processes():
+    samples = make_samples(60, seed=4)
+    batches = {}
+    for workers in (0, 1):
+        dm = BucketDataModule(samples, pad_token_id=0, max_tokens=160, seed=5, num_workers=workers)
+        dm.setup("fit")
+        batches[workers] = _batches(dm, "train")
+    _assert_same_batches(batches[0], batches[1])
