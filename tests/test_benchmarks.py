@@ -691,3 +691,9 @@ def test_collate_speed_compares_both_paths_batch_for_batch() -> None:
     assert "both paths gave the same batches" in stdout
     cells = _cells(stdout, "corpus, packed, static shapes, max_tokens 2048")
     assert int(cells[1]) > 0 and float(cells[4]) > 0
+
+
+def test_host_overhead_times_the_three_rows() -> None:
+    stdout = _ok(_run("host_overhead.py", "--steps", "110", "--repeats", "1"))
+    cells = _cells(stdout, "1")
+    assert len(cells) == 5 and all(float(c.replace(",", "")) > 0 for c in cells[1:4])

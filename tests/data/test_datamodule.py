@@ -343,11 +343,12 @@ def test_flat_samples_only_for_lists_of_mappings_that_fit_columns():
 
 def test_flat_samples_follow_a_new_dataset_from_setup():
     class Rebuilt(BucketDataModule):
+        rounds = 0
+
         def build_datasets(self, stage):
             return {"train": make_samples(10 + self.rounds, seed=self.rounds)}
 
     dm = Rebuilt(pad_token_id=0, batch_size=4)
-    dm.rounds = 0
     dm.setup("fit")
     first = dm.loader_dataset("train")
     assert dm.loader_dataset("train") is first  # built once

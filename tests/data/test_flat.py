@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -66,7 +68,7 @@ def test_from_samples_refuses_what_cannot_be_collated():
     with pytest.raises(ValueError, match="empty list"):
         SampleBatch.from_samples([])
     with pytest.raises(TypeError, match="expect mappings"):
-        SampleBatch.from_samples([[1, 2]])
+        SampleBatch.from_samples([[1, 2]])  # type: ignore[list-item]
     with pytest.raises(KeyError, match="Tokenise them first"):
         SampleBatch.from_samples([{"text": "a"}])
     with pytest.raises(ValueError, match="must be one-dimensional"):
@@ -126,7 +128,7 @@ def test_padding_columns_give_the_list_s_batch(lengths, side, multiple, token_la
 def test_packing_columns_give_the_list_s_batch(lengths, static, causal, data):
     samples = _samples(lengths, token_labels=causal)
     indices = data.draw(st.lists(st.integers(0, len(samples) - 1), min_size=1, max_size=8, unique=True))
-    shape = {"rows": 8, "num_slots": 8} if static else {}
+    shape: dict[str, Any] = {"rows": 8, "num_slots": 8} if static else {}
     collate = PackingCollator(8, causal=causal, **shape)
     flat = FlatSamples(samples, with_index=True)
     _same(collate(flat.__getitems__(indices)), collate([flat[i] for i in indices]))
