@@ -60,16 +60,20 @@ def _column(samples: Sequence[Mapping[str, Any]], name: str) -> list[np.ndarray]
     return [_array(s[name]) for s in samples]
 
 
+def _check_numbers(arrays: Sequence[np.ndarray], key: str) -> None:
+    for dtype in {a.dtype for a in arrays if a.size}:
+        if not _numeric(dtype):
+            i = next(i for i, a in enumerate(arrays) if a.size and a.dtype == dtype)
+            raise TypeError(f"Sample {i}: {key!r} holds {dtype} values; only numbers can be padded.")
+
+
 def _ids(samples: Sequence[Mapping[str, Any]], key: str) -> list[np.ndarray]:
     """The token ids of every sample, checked: one-dimensional numbers."""
     arrays = [_array(s[key]) for s in samples]
     if any(a.ndim != 1 for a in arrays):
         i = next(i for i, a in enumerate(arrays) if a.ndim != 1)
         raise ValueError(f"Sample {i}: {key!r} must be one-dimensional, got shape {arrays[i].shape}.")
-    for dtype in {a.dtype for a in arrays if a.size}:
-        if not _numeric(dtype):
-            i = next(i for i, a in enumerate(arrays) if a.size and a.dtype == dtype)
-            raise TypeError(f"Sample {i}: {key!r} holds {dtype} values; only numbers can be padded.")
+    _check_numbers(arrays, key)
     return arrays
 
 
@@ -111,7 +115,8 @@ class SampleBatch(Sequence[dict[str, Any]]):
 
         Raises:
             ValueError: On no samples, or ids that are not one-dimensional.
-            TypeError: On samples that are not mappings, non-numeric ids, or a key holding text or ``None``.
+            TypeError: On samples that are not mappings, non-numeric ids or per-token values, or a key holding text or
+                ``None``.
             KeyError: When the first sample has no ``input_key``.
         """
         if not len(samples):
@@ -134,6 +139,7 @@ class SampleBatch(Sequence[dict[str, Any]]):
             if all(a.ndim == 1 for a in arrays) and np.array_equal(
                 np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays)), lengths
             ):
+                _check_numbers(arrays, name)
                 tokens[name] = concatenated(arrays)
             elif all(a.shape == shape for a in arrays):
                 values[name] = np.stack(arrays)

@@ -75,6 +75,8 @@ def test_from_samples_refuses_what_cannot_be_collated():
         SampleBatch.from_samples([{"input_ids": [[1, 2]]}])
     with pytest.raises(TypeError, match="only numbers can be padded"):
         SampleBatch.from_samples([{"input_ids": ["a", "b"]}])
+    with pytest.raises(TypeError, match="Sample 0: 'tags' holds <U1 values"):
+        SampleBatch.from_samples([{"input_ids": [1, 2], "tags": ["a", "b"]}])
     with pytest.raises(TypeError, match="Cannot collate key 'text'"):
         SampleBatch.from_samples([{"input_ids": [1], "text": "a"}])
 
