@@ -45,6 +45,17 @@ GPT2_DICT: dict[str, Any] = {  # a 2-layer GPT-2 causal LM config, no dropout
 }
 
 
+def assert_same_batch(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two collated batches are the same: keys in the same order, tensors equal with the same dtype, the rest equal."""
+    assert list(a) == list(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype, key
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
 def make_samples(n: int, *, seed: int = 0, min_len: int = 3, max_len: int = 40, num_labels: int = 3) -> list[dict]:
     """Tokenised samples with long-tailed lengths, an `idx` key to trace them and a scalar label."""
     rng = np.random.default_rng(seed)

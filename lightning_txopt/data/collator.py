@@ -59,9 +59,13 @@ def pad_sequences(
         [[0, 1, 2, 3], [0, 0, 0, 4]]
     """
     lens = np.fromiter((s.size for s in sequences), dtype=np.int64, count=len(sequences))
-    cols = np.arange(length)
-    mask = cols < lens[:, None] if side == "right" else cols >= (length - lens)[:, None]
-    return _pad_flat(concatenated(sequences), mask, pad_value)
+    return _pad_flat(concatenated(sequences), _row_mask(lens, length, side), pad_value)
+
+
+def _row_mask(lens: np.ndarray, width: int, side: str) -> np.ndarray:
+    """``(len(lens), width)``: which cells of each row hold its sample's tokens (right- or left-aligned)."""
+    cols = np.arange(width)
+    return cols < lens[:, None] if side == "right" else cols >= (width - lens)[:, None]
 
 
 def _pad_flat(flat: np.ndarray, mask: np.ndarray, pad_value: int | float) -> np.ndarray:
@@ -229,8 +233,7 @@ class PaddingCollator:
             batch = batch.truncated(self.max_length)
             lens = batch.lengths
         width = self.padded_length(int(lens.max()))
-        cols = np.arange(width)
-        mask = cols < lens[:, None] if self.padding_side == "right" else cols >= (width - lens)[:, None]
+        mask = _row_mask(lens, width, self.padding_side)
         out: dict[str, torch.Tensor] = {key: torch.from_numpy(_pad_flat(batch.tokens[key], mask, self.pad_token_id))}
         if "attention_mask" not in batch.keys:
             out["attention_mask"] = torch.from_numpy(mask.astype(np.int64))

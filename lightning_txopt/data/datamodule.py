@@ -269,7 +269,7 @@ class BucketDataModule(pl.LightningDataModule):
         self._lengths: dict[str, np.ndarray] = {}
         self._slots: dict[tuple[str, int], int] = {}  # static shapes: (split, budget) -> sample slots
         self._train_sampler: BucketBatchSampler | None = None
-        self._columns: dict[str, tuple[int, int, Any]] = {}  # split -> (id, len, the dataset its loader reads)
+        self._columns: dict[str, Any] = {}  # split -> the dataset its loader reads
 
     # ------------------------------------------------------------------ budgets
     @property
@@ -492,11 +492,9 @@ class BucketDataModule(pl.LightningDataModule):
             >>> type(dm.loader_dataset("train")).__name__
             'FlatSamples'
         """
+        if split in self._columns:  # forgotten by setup when the split's dataset changes, as its lengths are
+            return self._columns[split]
         dataset = self.datasets[split]
-        key = (id(dataset), len(dataset))
-        cached = self._columns.get(split)
-        if cached is not None and cached[:2] == key:
-            return cached[2]
         evaluation = split != "train"
         chosen: Any = _Indexed(dataset) if evaluation else dataset
         collate = self.collator_for(split)
@@ -505,7 +503,7 @@ class BucketDataModule(pl.LightningDataModule):
                 chosen = FlatSamples(dataset, input_key=self.length_key, with_index=evaluation)
             except (ValueError, TypeError, KeyError) as err:  # the per-sample path collates them, or says what is wrong
                 rank_zero_debug(f"{split} samples read one by one, not as columns: {err}")
-        self._columns[split] = (*key, chosen)
+        self._columns[split] = chosen
         return chosen
 
     def _loader(self, split: str, sampler: BucketBatchSampler, cls: type[DataLoader] = DataLoader, **extra: Any) -> Any:

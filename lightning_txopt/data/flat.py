@@ -19,7 +19,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -104,10 +105,6 @@ class SampleBatch(Sequence[dict[str, Any]]):
     tokens: dict[str, np.ndarray]
     values: dict[str, np.ndarray]
     mismatched: tuple[str, ...] = ()
-    _ends: np.ndarray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_ends", np.cumsum(self.lengths))
 
     @classmethod
     def from_samples(cls, samples: Sequence[Mapping[str, Any]], input_key: str = "input_ids") -> SampleBatch:
@@ -155,8 +152,8 @@ class SampleBatch(Sequence[dict[str, Any]]):
         if not -len(self) <= i < len(self):
             raise IndexError(f"Sample {i} of a batch of {len(self)}.")
         i %= len(self)
-        end = int(self._ends[i])
-        begin = end - int(self.lengths[i])
+        begin = int(self.starts[i])
+        end = begin + int(self.lengths[i])
         out: dict[str, Any] = {}
         for name in self.keys:
             if name in self.tokens:
@@ -168,10 +165,10 @@ class SampleBatch(Sequence[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self[i] for i in range(len(self)))
 
-    @property
+    @cached_property
     def starts(self) -> np.ndarray:
-        """Where each sample's tokens begin in the flat per-token columns."""
-        return self._ends - self.lengths
+        """Where each sample's tokens begin in the flat per-token columns (computed when first asked for)."""
+        return np.cumsum(self.lengths) - self.lengths
 
     def take(self, indices: Any) -> SampleBatch:
         """The samples at ``indices`` (in that order), gathered without a Python loop over them.

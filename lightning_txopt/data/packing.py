@@ -187,11 +187,14 @@ class PackingCollator:
         tok_col = np.repeat(start, lens) + offset_in_sample
         flat = tok_row * width + tok_col  # where each real token goes in the (rows * width) grid
 
-        input_ids = np.full(n_rows * width, self.pad_token_id, dtype=np.int64)
-        input_ids[flat] = batch.tokens[key]
-        position_ids = np.zeros(n_rows * width, dtype=np.int64)  # padding: position 0, whatever the row's width
-        position_ids[flat] = offset_in_sample
-        position_ids += self.position_offset
+        def in_rows(values: np.ndarray, fill: int, dtype: Any = np.int64) -> np.ndarray:
+            """``values`` (one per real token) laid into the ``(rows, width)`` grid, ``fill`` elsewhere."""
+            grid = np.full(n_rows * width, fill, dtype=dtype)
+            grid[flat] = values
+            return grid.reshape(n_rows, width)
+
+        # padding tokens: position_offset, whatever the row's width
+        position_ids = in_rows(offset_in_sample + self.position_offset, self.position_offset)
 
         # segments in reading order: each row's samples, then its padding run (empty when the row is full), so
         # that sample i is segment i + its row
@@ -219,8 +222,8 @@ class PackingCollator:
 
         cu_q_tensor = torch.from_numpy(cu_q)
         out: dict[str, Any] = {
-            key: torch.from_numpy(input_ids.reshape(n_rows, width)),
-            "position_ids": torch.from_numpy(position_ids.reshape(n_rows, width)),
+            key: torch.from_numpy(in_rows(batch.tokens[key], self.pad_token_id)),
+            "position_ids": torch.from_numpy(position_ids),
             "cu_seq_lens_q": cu_q_tensor,
             "cu_seq_lens_k": cu_q_tensor.clone(),
             "max_length_q": max_length,
@@ -233,11 +236,10 @@ class PackingCollator:
         if "labels" in keys or "label" in keys:
             name = "labels" if "labels" in keys else "label"
             if name in batch.tokens:
-                labels = np.full(n_rows * width, self.label_pad_token_id, dtype=np.int64)
-                labels[flat] = batch.tokens[name]
+                labels = in_rows(batch.tokens[name], self.label_pad_token_id)
                 if self.causal:  # nothing predicts a sample's first token
-                    labels[row_of * width + start] = self.label_pad_token_id
-                out["labels"] = torch.from_numpy(labels.reshape(n_rows, width))
+                    labels[row_of, start] = self.label_pad_token_id
+                out["labels"] = torch.from_numpy(labels)
             elif name in batch.values and batch.values[name].ndim == 1:
                 out["labels"] = per_sample(batch.values[name], self.label_pad_token_id)
             else:
@@ -246,9 +248,7 @@ class PackingCollator:
             if name in (key, "labels", "label", "attention_mask", "position_ids"):
                 continue  # rebuilt above (packed rows need no attention mask: the boundaries say it)
             if name in batch.tokens:
-                packed = np.zeros(n_rows * width, dtype=batch.tokens[name].dtype)
-                packed[flat] = batch.tokens[name]
-                out[name] = torch.from_numpy(packed.reshape(n_rows, width))
+                out[name] = torch.from_numpy(in_rows(batch.tokens[name], 0, batch.tokens[name].dtype))
             elif name in batch.values and batch.values[name].ndim == 1:  # one number per sample (ids, weights)
                 out[name] = per_sample(batch.values[name], -1 if name == "index" else 0)
             else:

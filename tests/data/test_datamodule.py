@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_txopt.data.datamodule import BucketDataModule, _ResumableDataLoader
-from tests.helpers import RecordingClassifier, cpu_trainer, make_samples, one_loader
+from tests.helpers import RecordingClassifier, assert_same_batch, cpu_trainer, make_samples, one_loader
 
 
 def _dm(**kwargs: Any) -> BucketDataModule:
@@ -291,12 +291,7 @@ def _batches(dm: BucketDataModule, split: str) -> list[dict]:
 def _assert_same_batches(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):
-        assert list(x) == list(y)
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
-            else:
-                assert x[key] == y[key], key
+        assert_same_batch(x, y)
 
 
 @pytest.mark.parametrize(

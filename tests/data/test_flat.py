@@ -4,13 +4,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_txopt.data.collator import PaddingCollator
 from lightning_txopt.data.flat import FlatSamples, SampleBatch, as_sample_batch, concatenated
 from lightning_txopt.data.packing import PackingCollator
+from tests.helpers import assert_same_batch
 
 
 def _samples(lengths, *, token_labels=False, seed=0):
@@ -23,16 +23,6 @@ def _samples(lengths, *, token_labels=False, seed=0):
         sample["weight"] = float(i) / 2
         out.append(sample)
     return out
-
-
-def _same(a: dict, b: dict) -> None:
-    assert list(a) == list(b)
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype, key
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
 
 
 def test_columns_classify_per_token_per_sample_and_mismatched_keys():
@@ -117,7 +107,7 @@ def test_padding_columns_give_the_list_s_batch(lengths, side, multiple, token_la
     samples = _samples(lengths, token_labels=token_labels)
     indices = data.draw(st.lists(st.integers(0, len(samples) - 1), min_size=1, max_size=10))
     collate = PaddingCollator(0, padding_side=side, pad_to_multiple_of=multiple, max_length=8, truncation=True)
-    _same(collate(FlatSamples(samples).__getitems__(indices)), collate([samples[i] for i in indices]))
+    assert_same_batch(collate(FlatSamples(samples).__getitems__(indices)), collate([samples[i] for i in indices]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -133,7 +123,7 @@ def test_packing_columns_give_the_list_s_batch(lengths, static, causal, data):
     shape: dict[str, Any] = {"rows": 8, "num_slots": 8} if static else {}
     collate = PackingCollator(8, causal=causal, **shape)
     flat = FlatSamples(samples, with_index=True)
-    _same(collate(flat.__getitems__(indices)), collate([flat[i] for i in indices]))
+    assert_same_batch(collate(flat.__getitems__(indices)), collate([flat[i] for i in indices]))
 
 
 def test_flat_samples_keep_the_samples_and_add_the_index():
