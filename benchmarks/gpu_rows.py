@@ -162,6 +162,14 @@ def define_rows(settings: Settings) -> list[Row]:
             options=dict(precollated=True),
         ),
         Row(
+            "plain_precollated_auto",
+            f"plain PyTorch loop: the same batches ({T}) pre-collated, the model on the library's default attention "
+            "(use_varlen_attention: SDPA, no host read of the mask), bf16, AdamW fused",
+            "plain",
+            options=dict(precollated=True, attention="auto"),
+            default=False,
+        ),
+        Row(
             "plain_hf_loss",
             "plain PyTorch loop, same batches, labels passed to the model (its own loss)",
             "plain",
@@ -265,6 +273,15 @@ def issue15_rows(settings: Settings) -> list[Row]:
                     f"bucket_eager.{key}",
                     f"{data} lengths: BucketDataModule max_tokens={b}, sdpa, eager",
                     options=dict(max_tokens=b),
+                    data=data,
+                    **common,
+                ),
+                Row(
+                    f"bucket_auto.{key}",
+                    f'{data} lengths: BucketDataModule max_tokens={b}, attn "auto" (the default: SDPA for padded '
+                    "batches, the mask built without a host sync), eager",
+                    options=dict(max_tokens=b, attn_implementation="auto"),
+                    requires=(auto,),
                     data=data,
                     **common,
                 ),

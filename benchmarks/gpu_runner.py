@@ -25,6 +25,7 @@ from workloads import FLOPS_FORMULA, Workload, build_workload, model_flops, peak
 
 from lightning_txopt.data import BucketBatchSampler, BucketDataModule, PaddingCollator
 from lightning_txopt.data.flat import SampleBatch
+from lightning_txopt.models import use_varlen_attention
 from lightning_txopt.module import TransformerModule
 
 __all__ = [
@@ -172,10 +173,13 @@ def plain_loop_row(
     hf_loss: bool = False,
     trainer_batches: bool = False,
     precollated: bool = False,
+    attention: str = "sdpa",
 ) -> dict[str, Any]:
     """``trainer_batches``: iterate the HF Trainer's length-grouped batches of 32 (multiple of 8) instead of ours.
 
     ``precollated``: collate every batch and move it to the device before the loop (no data path in the timing).
+    ``attention``: ``"sdpa"`` (transformers' SDPA) or ``"auto"`` (the model switched to the library's backend with
+    ``use_varlen_attention``, as ``TransformerModule(attn_implementation="auto")`` builds it).
     """
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -189,7 +193,10 @@ def plain_loop_row(
     )
     collate = PaddingCollator(0, pad_to_multiple_of=8 if trainer_batches else None)
     torch.manual_seed(0)
-    model = _hf_model(workload).to(device).train()
+    model = _hf_model(workload)
+    if attention == "auto":
+        use_varlen_attention(model)
+    model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=cuda or None)
     reset_memory(cuda)
     step = 0

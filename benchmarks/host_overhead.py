@@ -76,7 +76,7 @@ class _Timer(pl.Callback):
         self.seconds = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        if i == WARMUP:
+        if trainer.global_step == WARMUP:  # not the batch index: it restarts every epoch
             self.t0 = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

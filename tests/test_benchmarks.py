@@ -198,6 +198,7 @@ def test_gpu_compare_list(bench: Any, capsys: pytest.CaptureFixture[str]) -> Non
 
 ISSUE15 = [
     "bucket_eager.lognormal.16k",
+    "bucket_auto.corpus.16k",
     "llama_bucket.corpus.16k",
     "packed_varlen.corpus.16k",
     "llama_packed_varlen.corpus.16k",
@@ -697,3 +698,12 @@ def test_host_overhead_times_the_three_rows() -> None:
     stdout = _ok(_run("host_overhead.py", "--steps", "110", "--repeats", "1"))
     cells = _cells(stdout, "1")
     assert len(cells) == 5 and all(float(c.replace(",", "")) > 0 for c in cells[1:4])
+
+
+def test_mask_sync_quick_gives_the_same_logits_with_the_key_mask(tmp_path: Path) -> None:
+    out = tmp_path / "mask.json"
+    stdout = _ok(_run("mask_sync.py", "--quick", "--json", str(out)))
+    result = json.loads(out.read_text())
+    assert result["fp32_max_difference"] == 0.0  # the 4-D key mask attends exactly as the 2-D mask
+    assert [r["name"] for r in result["rows"]] == ["2d", "4d", "2d+spin1.5", "4d+spin1.5"]
+    assert all(len(r["runs"]) == 2 for r in result["rows"]) and "| 4d |" in stdout

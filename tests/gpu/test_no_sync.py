@@ -5,8 +5,10 @@ wait for the GPU every step, so the GPU idles while the next step is launched. C
 call into an error. Skipped without a CUDA device.
 
 Hugging Face's SDPA mask builder (transformers 5) reads ``padding_mask.all()`` in every forward to decide whether the
-mask can be dropped: a sync of the model's own, which a plain loop pays as well. The test switches that check off (the
-mask is then always built: same results) so that it sees only the syncs of Lightning and lightning_txopt."""
+mask can be dropped: a sync of the model's own. The default backend (``attn_implementation="auto"``) builds an
+encoder's mask without that check, so the steps below run under the guard unpatched; with ``"sdpa"`` the check is
+switched off (the mask is then always built: the same results) so that the test sees only the syncs of Lightning and
+lightning_txopt."""
 
 from __future__ import annotations
 
@@ -45,14 +47,15 @@ class SyncGuard(pl.Callback):
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("normalize", ["mean", "tokens"])
-def test_training_steps_do_not_synchronise(normalize, monkeypatch):
-    import transformers.masking_utils as masking
+@pytest.mark.parametrize(("normalize", "attention"), [("mean", "auto"), ("tokens", "auto"), ("mean", "sdpa")])
+def test_training_steps_do_not_synchronise(normalize, attention, monkeypatch):
+    if attention == "sdpa":  # transformers' own mask builder reads the mask on the host: switched off
+        import transformers.masking_utils as masking
 
-    monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", lambda *a, **k: False, raising=False)
+        monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", lambda *a, **k: False, raising=False)
     guard = SyncGuard()
     dm = BucketDataModule(make_samples(600, seed=1), pad_token_id=0, max_tokens=256)
-    module = TransformerModule(config=BERT_DICT, num_labels=3)
+    module = TransformerModule(config=BERT_DICT, num_labels=3, attn_implementation=attention)
     trainer = cpu_trainer(
         accelerator="cuda",
         precision="bf16-mixed",

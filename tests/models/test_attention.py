@@ -145,3 +145,48 @@ def test_packed_rotary_projections_reach_the_kernel_in_the_autocast_dtype(monkey
     assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
     attention.varlen_attention_forward(torch.nn.Module(), q, k, v.float(), None, cu_seq_lens_q=cu)
     assert len(seen) == 1  # fp32 without autocast: the exact fallback, untouched
+
+
+def _padded_batch(lengths: list[int], vocab: int = 60) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    width = max(lengths)
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_padded_batches_attend_as_sdpa_without_reading_an_encoders_mask_on_the_host(name, monkeypatch):
+    """The backend builds an encoder's padding mask without transformers' ``padding_mask.all()`` (a host-device sync
+    per forward on a GPU); every family still gives SDPA's outputs, padded (samples longer than any window) or not."""
+    import transformers.masking_utils as masking
+
+    family = FAMILIES[name]
+    if family.encoder_decoder:
+        pytest.skip("encoder-decoder models do not run the varlen backend")
+    reference = family.build("causal-lm" if not family.classification else "sequence-classification").eval()
+    try:
+        model = use_varlen_attention(
+            family.build("causal-lm" if not family.classification else "sequence-classification")
+        ).eval()
+    except ValueError as err:
+        pytest.skip(f"{name}: {err}")
+    original = masking._ignore_bidirectional_mask_sdpa
+    reads: list[int] = []
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", counted)
+    for lengths in ([20, 13, 3], [20, 20]):  # with padding; without (the mask all ones)
+        batch = _padded_batch(lengths)
+        with torch.no_grad():
+            reads.clear()
+            got = model(**batch).logits
+            got_reads = len(reads)
+            expected = reference(**batch).logits
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+        if not family.causal:
+            assert got_reads == 0, f"{name}: the varlen backend read the padding mask on the host"
+            assert len(reads) > got_reads, f"{name}: SDPA's own mask builder no longer checks (the test sees nothing)"
