@@ -105,6 +105,8 @@ CASES = (
     "njt_flash",
     "varlen_static",
     "varlen_split",
+    "efficient",
+    "efficient_static",
 )
 DEFAULT_CASES = CASES[:5]
 WIDTH = 512  # the packed rows' width: the longest sample, and the max length the static-shape path passes
@@ -322,6 +324,31 @@ def varlen_static_case(batches: list[Batch], causal: bool, slots: int, tokens: i
 
     def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _varlen(module, q, k, v, cus[i], width)
+
+    return attn
+
+
+def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int, causal: bool) -> Any:
+    """SDPA's memory-efficient kernel (64 x 64 tiles) over segments ``cu`` of ``(T, heads, dim)`` tensors: the aten op
+    that nested tensors call, ``aten::_efficient_attention_forward`` with boundaries (its own autograd)."""
+    out = torch.ops.aten._efficient_attention_forward(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu, cu, width, width, 0.0, int(causal), True
+    )[0]
+    return out[0]
+
+
+def efficient_case(batches: list[Batch], causal: bool, static: tuple[int, int, int] | None) -> Attention:
+    """The memory-efficient kernel over each batch's segments (max length its longest), or with ``static = (slots,
+    tokens, width)`` over the static layout's segments, max length ``width``."""
+    if static is None:
+        cus, widths = [b.cu for b in batches], [int(b.segments.max()) for b in batches]
+    else:
+        slots, tokens, width = static
+        cus = [_cu(static_segments(b.samples, tokens, slots, width), b.cu.device) for b in batches]
+        widths = [width] * len(batches)
+
+    def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _efficient(q, k, v, cus[i], widths[i], causal)
 
     return attn
 
@@ -609,6 +636,16 @@ def run_table(
                     attns[name] = varlen_split_case(batches, causal, args.width)
                 else:
                     attns[name] = varlen_case(batches, causal, None if name == "varlen_tight" else args.width)
+            elif name.startswith("efficient"):
+                if device.type != "cuda":
+                    raise RuntimeError("the memory-efficient kernel with boundaries needs a CUDA device")
+                result.implementation = "aten::_efficient_attention_forward with boundaries (64 x 64 tiles)"
+                static = None
+                if name == "efficient_static":
+                    slots = int(round_up(int(1.1 * max(b.samples.size for b in batches)), 8))
+                    result.implementation += f", static layout: {slots} slots + {tokens // args.width} rows"
+                    static = (slots, tokens, args.width)
+                attns[name] = efficient_case(batches, causal, static)
             elif name.startswith("njt_"):
                 if causal:
                     raise RuntimeError("nested-tensor SDPA refuses is_causal: bidirectional shapes only")

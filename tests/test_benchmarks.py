@@ -280,7 +280,9 @@ def test_rows_are_named_once_and_chosen_by_name_or_group(bench: Any) -> None:
         "compile_ladder",
     }
     issue15 = select(rows, ["issue15"])
-    assert len(issue15) == 26 and all(r.flops and not r.default for r in issue15)
+    assert len(issue15) == 30 and all(r.flops and not r.default for r in issue15)
+    auto = [r for r in issue15 if r.name.startswith("bucket_auto.")]  # bucketed batches on the default attention
+    assert len(auto) == 4 and all(r.options["attn_implementation"] == "auto" for r in auto)
     assert {r.options["max_tokens"] for r in issue15} == {16_384, 65_536}
     assert {r.name for r in select(rows, ["decoder"])} == {
         "llama_bucket.corpus.16k",

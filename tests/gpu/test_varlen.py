@@ -225,3 +225,32 @@ def test_trainer_fit_on_packed_batches_runs_the_kernel_under_bf16_mixed(family, 
         assert snapshots[-1]["fallback"] == snapshots[0]["fallback"], snapshots
     else:
         assert graphs[0] >= 1 and len(set(graphs)) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_memory_efficient_kernel_equals_flash_and_runs_eager_calls_only(causal):
+    """Eager packed calls without a window take the memory-efficient kernel (64-query tiles), compiled graphs keep
+    FlashAttention's: both give the same attention, forward and backward, empty segments included."""
+    from lightning_txopt.models.attention import _efficient_varlen, _flash_varlen, efficient_forward_schema_matches
+
+    assert efficient_forward_schema_matches()
+    torch.manual_seed(2)
+    lens = [20, 30, 14, 0, 40, 3, 0]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    total = sum(lens)
+    q, k, v = (torch.randn(total, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    window = (-1, 0) if causal else (-1, -1)
+    fast = _efficient_varlen(q, k, v, cu, cu, 40, 40, scale=None, causal=causal)
+    flash = _flash_varlen(q, k, v, cu, cu, 40, 40, scale=None, window=window)
+    assert _rel(fast, flash) < 2e-2
+    g = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(flash, (q, k, v), g), strict=True):
+        assert _rel(a, b) < 3e-2
+    with torch.no_grad():
+        assert torch.equal(_kernel(q, k, v, cu, cu, 40, 40, scale=None, window=window), fast)
+        compiled = torch.compile(
+            lambda a, b, c: _kernel(a, b, c, cu, cu, 40, 40, scale=None, window=window),
+            backend="aot_eager",
+            fullgraph=True,
+        )
+        assert torch.equal(compiled(q, k, v), flash)

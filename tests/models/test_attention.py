@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lightning_txopt.models.attention import (
     VARLEN_ATTENTION,
     attention_dropout,
+    efficient_forward_schema_matches,
     flash_forward_schema_matches,
     register_varlen_attention,
     segment_ids,
@@ -121,8 +122,10 @@ def test_attention_dropout_is_reported_because_the_kernel_has_none():
 def test_the_kernel_needs_cuda_half_precision_and_the_op_keeps_its_schema():
     assert not varlen_kernel_available("cpu", torch.bfloat16)
     assert not varlen_kernel_available("cpu", torch.float32)
-    # the backend calls aten::_flash_attention_forward directly (see _flash_varlen): this fails when torch changes it
+    # the backend calls aten::_flash_attention_forward and aten::_efficient_attention_forward directly (see
+    # _flash_varlen, _efficient_varlen): this fails when torch changes them
     assert flash_forward_schema_matches()
+    assert efficient_forward_schema_matches()
 
 
 def test_packed_rotary_projections_reach_the_kernel_in_the_autocast_dtype(monkeypatch):
