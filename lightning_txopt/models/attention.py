@@ -216,9 +216,9 @@ def _kernel(
     """A varlen kernel on ``(tokens, heads, dim)`` tensors: memory-efficient where it applies, else FlashAttention's.
 
     The memory-efficient kernel (:func:`_efficient_varlen`) runs eager calls without a sliding window whose keys have
-    as many heads as the queries and a head size of at most 128. Compiled graphs keep FlashAttention's: on the static
-    layout's segments the memory-efficient kernel measured only 1.00-1.09x as the op alone. FlashAttention's is called
-    whatever this torch's signature.
+    as many heads as the queries and a head size of at most 128. Compiled graphs keep FlashAttention's: the
+    memory-efficient kernel is not tested inside them (on the static layout's segments it measured 1.06-1.14x
+    FlashAttention's as the op alone). FlashAttention's is called whatever this torch's signature.
     """
     if (
         _EFFICIENT_OP
