@@ -82,6 +82,7 @@ from torch.nn.attention import SDPBackend
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from workloads import LOGNORMAL, lognormal_lengths
 
+from lightning_txopt.models import attention
 from lightning_txopt.models.attention import (
     flash_forward_schema_matches,
     segment_ids,
@@ -278,7 +279,12 @@ class _Module(torch.nn.Module):
 
 
 def _varlen(module: _Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int) -> Any:
-    """The library's packed attention on ``(T, heads, dim)`` tensors over segments ``cu``, max length ``width``."""
+    """The library's packed attention on ``(T, heads, dim)`` tensors over segments ``cu``, max length ``width``, on
+    FlashAttention's varlen kernel where it runs (the library runs eager calls on the memory-efficient kernel: the
+    ``efficient`` cases), else the exact fallback."""
+    if varlen_kernel_available(q.device, q.dtype):
+        window = (-1, 0) if module.is_causal else (-1, -1)
+        return attention._kernel(q, k, v, cu, cu, width, width, scale=None, window=window, memory_efficient=False)
     out, _ = varlen_attention_forward(
         module, heads_first(q), heads_first(k), heads_first(v), None, is_causal=module.is_causal,
         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width,
@@ -328,18 +334,10 @@ def varlen_static_case(batches: list[Batch], causal: bool, slots: int, tokens: i
     return attn
 
 
-def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int, causal: bool) -> Any:
-    """SDPA's memory-efficient kernel (64 x 64 tiles) over segments ``cu`` of ``(T, heads, dim)`` tensors: the aten op
-    that nested tensors call, ``aten::_efficient_attention_forward`` with boundaries (its own autograd)."""
-    out = torch.ops.aten._efficient_attention_forward(
-        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu, cu, width, width, 0.0, int(causal), True
-    )[0]
-    return out[0]
-
-
 def efficient_case(batches: list[Batch], causal: bool, static: tuple[int, int, int] | None) -> Attention:
-    """The memory-efficient kernel over each batch's segments (max length its longest), or with ``static = (slots,
-    tokens, width)`` over the static layout's segments, max length ``width``."""
+    """The library's memory-efficient varlen kernel (``_efficient_varlen``) over each batch's segments (max length
+    its longest), or with ``static = (slots, tokens, width)`` over the static layout's segments, max length
+    ``width``."""
     if static is None:
         cus, widths = [b.cu for b in batches], [int(b.segments.max()) for b in batches]
     else:
@@ -348,7 +346,7 @@ def efficient_case(batches: list[Batch], causal: bool, static: tuple[int, int, i
         widths = [width] * len(batches)
 
     def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _efficient(q, k, v, cus[i], widths[i], causal)
+        return attention._efficient_varlen(q, k, v, cus[i], cus[i], widths[i], widths[i], scale=None, causal=causal)
 
     return attn
 

@@ -32,11 +32,16 @@ import torch
 SPIN_MS = 1.5
 
 
+def _key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The 2-D padding mask as the 4-D boolean key mask ``(batch, 1, 1, keys)`` transformers passes to SDPA as is."""
+    return mask[:, None, None, :].bool()
+
+
 def _case(samples: list[dict[str, Any]], tokens: int, config: dict[str, Any], name: str) -> ps.Case:
     case = ps.Case(name, samples, tokens, config, dict(strategy="bucket"), dict(attn_implementation="sdpa"))
     if name.startswith("4d"):
         for batch in case.batches:
-            batch["attention_mask"] = batch["attention_mask"][:, None, None, :].bool()
+            batch["attention_mask"] = _key_mask(batch["attention_mask"])
     if name.endswith(f"spin{SPIN_MS}"):
         inner = case.step
 
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         batch = cases[0].batches[3]
         two = module.forward_logits(batch)
-        four = module.forward_logits(dict(batch, attention_mask=batch["attention_mask"][:, None, None, :].bool()))
+        four = module.forward_logits(dict(batch, attention_mask=_key_mask(batch["attention_mask"])))
     difference = float((two - four).abs().max())
     print(f"max |2d - 4d| logits, fp32: {difference:.3g} (largest logit {float(two.abs().max()):.3g})")
     module.train()

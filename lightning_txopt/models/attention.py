@@ -212,16 +212,19 @@ def _kernel(
     *,
     scale: float | None,
     window: tuple[int, int],
+    memory_efficient: bool = True,
 ) -> torch.Tensor:
     """A varlen kernel on ``(tokens, heads, dim)`` tensors: memory-efficient where it applies, else FlashAttention's.
 
     The memory-efficient kernel (:func:`_efficient_varlen`) runs eager calls without a sliding window whose keys have
     as many heads as the queries and a head size of at most 128. Compiled graphs keep FlashAttention's: the
     memory-efficient kernel is not tested inside them (on the static layout's segments it measured 1.06-1.14x
-    FlashAttention's as the op alone). FlashAttention's is called whatever this torch's signature.
+    FlashAttention's as the op alone). FlashAttention's is called whatever this torch's signature;
+    ``memory_efficient=False`` always takes it (the benchmarks time it so).
     """
     if (
-        _EFFICIENT_OP
+        memory_efficient
+        and _EFFICIENT_OP
         and window[0] < 0
         and k.shape[1] == q.shape[1]
         and q.shape[-1] <= 128

@@ -167,11 +167,10 @@ def test_padded_batches_attend_as_sdpa_without_reading_an_encoders_mask_on_the_h
     family = FAMILIES[name]
     if family.encoder_decoder:
         pytest.skip("encoder-decoder models do not run the varlen backend")
-    reference = family.build("causal-lm" if not family.classification else "sequence-classification").eval()
+    task = "sequence-classification" if family.classification else "causal-lm"
+    reference = family.build(task).eval()
     try:
-        model = use_varlen_attention(
-            family.build("causal-lm" if not family.classification else "sequence-classification")
-        ).eval()
+        model = use_varlen_attention(family.build(task)).eval()
     except ValueError as err:
         pytest.skip(f"{name}: {err}")
     original = masking._ignore_bidirectional_mask_sdpa
