@@ -42,6 +42,11 @@ bidirectional; ``llama`` 16 heads x 64, causal. The cases:
   and the others (and the padding, in runs of at most 128) with max length 128, so that a short sample occupies one
   query block of the grid instead of four; the tokens are gathered into that order and the output scattered back
   inside the timed region (what a layout that placed long samples first would save, less those copies);
+* ``efficient`` / ``efficient_static`` (only with ``--cases``): the library's memory-efficient varlen kernel
+  (``_efficient_varlen``, 64-query tiles, what eager and compiled packed batches run) over each batch's segments
+  (max length its longest) / over ``varlen_static``'s segments (max length 512), its backward with the library's
+  one split of the keys; ``efficient_auto_splits`` / ``efficient_static_auto_splits``: the same with torch's split
+  heuristic (8 splits of rows of 512, and their fp32 workspace zeroed on every call);
 * ``njt_cudnn`` / ``njt_flash`` (only with ``--cases``, bidirectional only): ``scaled_dot_product_attention`` on
   jagged nested tensors (``torch.nested.nested_tensor_from_jagged`` over the segment offsets, max length 512 given,
   so nothing syncs) under ``sdpa_kernel`` with cuDNN's or FlashAttention's backend: the public route to cuDNN's
@@ -108,6 +113,8 @@ CASES = (
     "varlen_split",
     "efficient",
     "efficient_static",
+    "efficient_auto_splits",
+    "efficient_static_auto_splits",
 )
 DEFAULT_CASES = CASES[:5]
 WIDTH = 512  # the packed rows' width: the longest sample, and the max length the static-shape path passes
@@ -280,7 +287,7 @@ class _Module(torch.nn.Module):
 
 def _varlen(module: _Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int) -> Any:
     """The library's packed attention on ``(T, heads, dim)`` tensors over segments ``cu``, max length ``width``, on
-    FlashAttention's varlen kernel where it runs (the library runs eager calls on the memory-efficient kernel: the
+    FlashAttention's varlen kernel where it runs (the library runs these calls on the memory-efficient kernel: the
     ``efficient`` cases), else the exact fallback."""
     if varlen_kernel_available(q.device, q.dtype):
         window = (-1, 0) if module.is_causal else (-1, -1)
@@ -334,10 +341,12 @@ def varlen_static_case(batches: list[Batch], causal: bool, slots: int, tokens: i
     return attn
 
 
-def efficient_case(batches: list[Batch], causal: bool, static: tuple[int, int, int] | None) -> Attention:
+def efficient_case(
+    batches: list[Batch], causal: bool, static: tuple[int, int, int] | None, splits: int | None = 1
+) -> Attention:
     """The library's memory-efficient varlen kernel (``_efficient_varlen``) over each batch's segments (max length
     its longest), or with ``static = (slots, tokens, width)`` over the static layout's segments, max length
-    ``width``."""
+    ``width``; its backward with ``splits`` splits of the keys (``None``: torch's heuristic)."""
     if static is None:
         cus, widths = [b.cu for b in batches], [int(b.segments.max()) for b in batches]
     else:
@@ -346,7 +355,11 @@ def efficient_case(batches: list[Batch], causal: bool, static: tuple[int, int, i
         widths = [width] * len(batches)
 
     def attn(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention._efficient_varlen(q, k, v, cus[i], cus[i], widths[i], widths[i], scale=None, causal=causal)
+        before, attention.EFFICIENT_KEY_SPLITS = attention.EFFICIENT_KEY_SPLITS, splits  # read by the forward call
+        try:
+            return attention._efficient_varlen(q, k, v, cus[i], cus[i], widths[i], widths[i], scale=None, causal=causal)
+        finally:
+            attention.EFFICIENT_KEY_SPLITS = before
 
     return attn
 
@@ -637,13 +650,17 @@ def run_table(
             elif name.startswith("efficient"):
                 if device.type != "cuda":
                     raise RuntimeError("the memory-efficient kernel with boundaries needs a CUDA device")
-                result.implementation = "aten::_efficient_attention_forward with boundaries (64 x 64 tiles)"
+                splits = None if name.endswith("_auto_splits") else attention.EFFICIENT_KEY_SPLITS
+                result.implementation = (
+                    "aten::_efficient_attention_forward with boundaries (64 x 64 tiles), backward with "
+                    + ("torch's split heuristic" if splits is None else f"{splits} split(s) of the keys")
+                )
                 static = None
-                if name == "efficient_static":
+                if name.startswith("efficient_static"):
                     slots = int(round_up(int(1.1 * max(b.samples.size for b in batches)), 8))
                     result.implementation += f", static layout: {slots} slots + {tokens // args.width} rows"
                     static = (slots, tokens, args.width)
-                attns[name] = efficient_case(batches, causal, static)
+                attns[name] = efficient_case(batches, causal, static, splits)
             elif name.startswith("njt_"):
                 if causal:
                     raise RuntimeError("nested-tensor SDPA refuses is_causal: bidirectional shapes only")

@@ -13,7 +13,9 @@ bucketed batches). Reported: real tokens/s per case (median of the 4 windows) an
 
 ``--profile`` then runs 5 more steps of each case under ``torch.profiler`` and reports, per case, the wall time per
 step, the device-busy time per step (the union of its kernels' intervals: wall minus busy is time the GPU waited on
-the host), the compiled case's graphs and graph breaks (dynamo's counters), and the kernels that took most time.
+the host), the compiled case's graphs and graph breaks (dynamo's counters), the kernels' time per category (GEMMs,
+attention, optimizer, Inductor's fused kernels, ...: ``kernel_category``) and the kernels that took most time.
+``bucket eager`` is the bucketed case on the library's default attention (``"auto"``, no host read of the mask).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ _STATIC = dict(_PACKED, static_shapes=True)
 #: ``TransformerModule(compile=True, compile_mode=...)``: CUDA graphs, and Inductor's autotuned kernel choices.
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "bucket sdpa eager": (dict(strategy="bucket"), dict(attn_implementation="sdpa")),
+    "bucket eager": (dict(strategy="bucket"), {}),
     "packed varlen eager": (_PACKED, {}),
     "packed static compile": (_STATIC, dict(compile=True)),
     "packed static compile reduce-overhead": (_STATIC, dict(compile=True, compile_mode="reduce-overhead")),
@@ -55,7 +58,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(compile=True, compile_mode="max-autotune-no-cudagraphs"),
     ),
 }
-DEFAULT_CASES = tuple(CASES)[:3]
+DEFAULT_CASES = ("bucket sdpa eager", "packed varlen eager", "packed static compile")
 
 
 class Case:
@@ -115,8 +118,33 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+#: (category, substrings of a kernel's name, lowercased): the first category with a match is the kernel's.
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("fused (triton)", ("triton_",)),
+    ("embedding", ("embedding", "index", "scatter", "gather")),
+    ("norm", ("layer_norm", "layernorm", "gammabeta", "welford")),
+    ("copy / cast", ("copy", "fill", "memset", "cat")),
+    ("elementwise / reduce", ("elementwise", "reduce", "dropout", "softmax", "gelu")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The :data:`KERNEL_CATEGORIES` entry of a CUDA kernel's name, ``"other"`` when none matches.
+
+    Example:
+        >>> kernel_category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"), kernel_category("void foo")
+        ('gemm', 'other')
+    """
+    low = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
 def profile(case: Case, steps: int = 5, top: int = 8) -> dict[str, Any]:
-    """Where one case's step time goes: wall and device-busy time per step, and its costliest kernels."""
+    """Where one case's step time goes: wall and device-busy time per step, its kernels' time per category
+    (:func:`kernel_category`, summed, so overlapping kernels count twice) and its costliest kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -134,11 +162,15 @@ def profile(case: Case, steps: int = 5, top: int = 8) -> dict[str, Any]:
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / steps / 1e3
     costly = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    categories: dict[str, float] = {}
+    for name, ms in by_name.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
     return dict(
         name=case.name,
         wall_ms=round(wall * 1e3, 2),
         device_busy_ms=round(busy * 1e3, 2),
         host_gap_fraction=round(1 - busy / wall, 3) if wall else None,
+        categories_ms={cat: round(ms, 2) for cat, ms in sorted(categories.items(), key=lambda kv: -kv[1])},
         top_kernels_ms=[(name[:90], round(ms, 2)) for name, ms in costly],
     )
 

@@ -11,8 +11,9 @@ through the kernel's ``window_size``.
 Which kernel runs is decided per call, on the tensors at hand:
 
 * packed, CUDA, bf16/fp16, a torch with ``varlen_attn``: a varlen kernel with the segment boundaries, no attention
-  dropout (neither applies one here): SDPA's memory-efficient kernel for eager calls without a sliding window whose
-  keys have as many heads as the queries (its 64-query tiles waste less on short samples), else FlashAttention's;
+  dropout (neither applies one here): SDPA's memory-efficient kernel for calls, eager or compiled, without a sliding
+  window whose keys have as many heads as the queries (its 64-query tiles waste less on short samples), else
+  FlashAttention's;
 * packed, anywhere else (CPU, fp32, an old torch): an exact fallback, SDPA with a block mask built from the same
   boundaries (per row, so its cost is ``rows x width^2``, with dropout as SDPA applies it);
 * not packed: transformers' own SDPA, with the mask transformers built (the window applied when it built none);
@@ -23,6 +24,7 @@ Which kernel runs is decided per call, on the tensors at hand:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -91,6 +93,29 @@ EFFICIENT_FORWARD_ARGUMENTS = (
 )
 
 
+#: The arguments :class:`_EfficientVarlen` passes to ``aten::_efficient_attention_backward``, in order, then by keyword.
+EFFICIENT_BACKWARD_ARGUMENTS = (
+    "grad_out_",
+    "query",
+    "key",
+    "value",
+    "bias",
+    "out",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "logsumexp",
+    "dropout_p",
+    "philox_seed",
+    "philox_offset",
+    "custom_mask_type",
+    "bias_requires_grad",
+    "scale",
+    "num_splits_key",
+)
+
+
 def _schema_matches(name: str, expected: tuple[str, ...]) -> bool:
     """Whether ``aten::<name>`` exists and its arguments start with ``expected`` (the one read of an op's schema)."""
     op = getattr(torch.ops.aten, name, None)
@@ -114,20 +139,53 @@ def flash_forward_schema_matches() -> bool:
 
 
 def efficient_forward_schema_matches() -> bool:
-    """Whether this torch's ``aten::_efficient_attention_forward`` takes the arguments :func:`_efficient_varlen` passes.
+    """Whether this torch's memory-efficient varlen ops take the arguments the backend passes them.
 
-    The op is SDPA's memory-efficient kernel with segment boundaries, the one torch's nested tensors call. A change
-    of its schema leaves every packed batch to FlashAttention's kernel (and fails the test that checks this function).
+    The ops are ``aten::_efficient_attention_forward`` (:func:`_efficient_varlen`) and
+    ``aten::_efficient_attention_backward`` (:class:`_EfficientVarlen`): SDPA's memory-efficient kernel with segment
+    boundaries, the ones torch's nested tensors call. A change of their schemas leaves every packed batch to
+    FlashAttention's kernel (and fails the test that checks this function).
 
     Example:
         >>> isinstance(efficient_forward_schema_matches(), bool)
         True
     """
-    return _schema_matches("_efficient_attention_forward", EFFICIENT_FORWARD_ARGUMENTS)
+    return _schema_matches("_efficient_attention_forward", EFFICIENT_FORWARD_ARGUMENTS) and _schema_matches(
+        "_efficient_attention_backward", EFFICIENT_BACKWARD_ARGUMENTS
+    )
+
+
+def efficient_backward_traces_with_scale() -> bool:
+    """Whether ``aten::_efficient_attention_backward``'s fake implementation takes an explicit ``scale``.
+
+    In torch 2.11-2.13 it lacks the op's ``out`` argument, so every later argument shifts by one and a ``scale``
+    given by keyword collides with a positional one: a compiled graph's backward fails to trace (``got multiple
+    values for argument 'scale'``). Left out, ``scale`` is never passed and the shapes it computes are still right.
+    While this returns ``False``, compiled graphs run the memory-efficient kernel only with the default scale
+    (passed as ``None``); once torch fixes it, it returns ``True`` and compiled graphs pass any scale. A CPU test
+    checks both facts the backend relies on, and fails when the fake implementation changes otherwise.
+
+    Example:
+        >>> isinstance(efficient_backward_traces_with_scale(), bool)
+        True
+    """
+    op = getattr(torch.ops.aten, "_efficient_attention_backward", None)
+    if op is None:
+        return False
+    t = torch.empty(1, 8, 2, 64, device="meta", dtype=torch.bfloat16)
+    cu = torch.empty(3, device="meta", dtype=torch.int32)
+    seed = torch.empty((), device="meta", dtype=torch.int64)
+    lse = torch.empty(1, 2, 8, device="meta", dtype=torch.float32)
+    try:
+        op(t, t, t, t, None, t, cu, cu, 4, 4, lse, 0.0, seed, seed, 0, False, scale=0.125)
+    except (TypeError, RuntimeError):
+        return False
+    return True
 
 
 _FLASH_OP = flash_forward_schema_matches()
 _EFFICIENT_OP = efficient_forward_schema_matches()
+_EFFICIENT_SCALE_TRACES = efficient_backward_traces_with_scale()
 _FLASH_CAPABLE: dict[int, bool] = {}  # CUDA device index -> compute capability >= 8.0 (a fact of the hardware)
 
 
@@ -216,21 +274,20 @@ def _kernel(
 ) -> torch.Tensor:
     """A varlen kernel on ``(tokens, heads, dim)`` tensors: memory-efficient where it applies, else FlashAttention's.
 
-    The memory-efficient kernel (:func:`_efficient_varlen`) runs eager calls without a sliding window whose keys have
-    as many heads as the queries and a head size of at most 128. Compiled graphs keep FlashAttention's: the
-    memory-efficient kernel is not tested inside them (on the static layout's segments it measured 1.06-1.14x
-    FlashAttention's as the op alone). FlashAttention's is called whatever this torch's signature;
-    ``memory_efficient=False`` always takes it (the benchmarks time it so).
+    The memory-efficient kernel (:func:`_efficient_varlen`) runs calls without a sliding window whose keys have as
+    many heads as the queries and a head size of at most 128, eager or inside compiled graphs (its aten ops have
+    fake implementations, so they trace, and CUDA graphs replay them). Inside compiled graphs only with the default
+    scale ``1/sqrt(head size)``, which is then passed as ``None``: the fake implementation of its backward op lacks
+    one of the op's arguments (torch 2.11-2.13), which only goes unnoticed when ``scale`` is left out
+    (:func:`efficient_backward_traces_with_scale` says when torch has fixed it). FlashAttention's takes the rest and
+    is called whatever this torch's signature; ``memory_efficient=False`` always takes it (the benchmarks time it so).
     """
-    if (
-        memory_efficient
-        and _EFFICIENT_OP
-        and window[0] < 0
-        and k.shape[1] == q.shape[1]
-        and q.shape[-1] <= 128
-        and not torch.compiler.is_compiling()
-    ):
-        return _efficient_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, causal=window[1] == 0)
+    if memory_efficient and _EFFICIENT_OP and window[0] < 0 and k.shape[1] == q.shape[1] and q.shape[-1] <= 128:
+        causal = window[1] == 0
+        if not torch.compiler.is_compiling() or _EFFICIENT_SCALE_TRACES:
+            return _efficient_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, causal=causal)
+        if scale is None or math.isclose(scale, q.shape[-1] ** -0.5, rel_tol=1e-12):
+            return _efficient_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, causal=causal)
     if _FLASH_OP:
         return _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window=window)
     found = _VARLEN_ATTN
@@ -256,6 +313,54 @@ def _kernel(
     return fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
 
 
+#: How many splits of each segment's keys the memory-efficient backward runs (``num_splits_key``). torch's heuristic
+#: takes ``max_length / 64`` (8 for rows of 512) whenever the longest segment exceeds 128 tokens: every split of a
+#: short sample is an empty block, and the fp32 workspace they accumulate the query gradients in (``segments x heads
+#: x max_length x head size``) is zeroed on every call: 2.8 ms of a 32 ms BERT-base step at 16,384 tokens on an H200
+#: (``benchmarks/packing_step.py --profile``). One split needs no zeroing and is deterministic.
+EFFICIENT_KEY_SPLITS: int | None = 1  # None: torch's heuristic (read at each forward call)
+
+
+class _EfficientVarlen(torch.autograd.Function):
+    """The memory-efficient varlen kernel's forward and backward ops, the backward with :data:`EFFICIENT_KEY_SPLITS`.
+
+    The forward op's own autograd formula leaves the splits to torch's heuristic.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        scale: float | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        # None is left out: see efficient_backward_traces_with_scale
+        by_name = {} if scale is None else {"scale": scale}
+        out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, max_q, max_k, 0.0, int(causal), True,
+            **by_name,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu_q, cu_k)
+        ctx.args = (max_q, max_k, int(causal), EFFICIENT_KEY_SPLITS, by_name)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, seed, offset, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, mask, splits, by_name = ctx.args
+        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+            grad.unsqueeze(0).contiguous(), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, out, cu_q, cu_k,
+            max_q, max_k, lse, 0.0, seed, offset, mask, False, num_splits_key=splits, **by_name,
+        )  # fmt: skip
+        return dq[0], dk[0], dv[0], None, None, None, None, None, None
+
+
 def _efficient_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -270,28 +375,23 @@ def _efficient_varlen(
 ) -> torch.Tensor:
     """SDPA's memory-efficient kernel over the segments ``cu_q``/``cu_k``: the other place that touches a private op.
 
-    ``aten::_efficient_attention_forward`` with boundaries is what torch's nested tensors call; it has its own C++
-    autograd (``EfficientAttentionBackward0``), causality within each segment (``custom_mask_type=1``: from the
-    segment's top left) and tiles of 64 queries where FlashAttention's varlen kernel takes 128: on short samples it
-    leaves less of each tile empty. Measured on an H200 (``benchmarks/attention_kernels.py``, forward + backward per
-    layer, the corpus's lengths): 1.24x FlashAttention's at 16,384 tokens and 1.19x at 65,536 (BERT shape), 1.33x and
-    1.27x (Llama shape, causal). :func:`efficient_forward_schema_matches` guards its arguments; the GPU tests compare it
-    with FlashAttention's kernel and with each sample alone.
+    ``aten::_efficient_attention_forward`` with boundaries is what torch's nested tensors call; causality within each
+    segment (``custom_mask_type=1``: from the segment's top left) and tiles of 64 queries where FlashAttention's varlen
+    kernel takes 128: on short samples it leaves less of each tile empty. With gradients it runs as
+    :class:`_EfficientVarlen` (its backward op with one split of the keys, :data:`EFFICIENT_KEY_SPLITS`). Measured on
+    an H200 (``benchmarks/attention_kernels.py``, forward + backward per layer, the corpus's lengths): 1.52x
+    FlashAttention's at 16,384 tokens and 1.89x at 65,536 (BERT shape), 1.94x and 2.24x (Llama shape, causal); with
+    torch's split heuristic 1.19-1.34x. :func:`efficient_forward_schema_matches` guards the two ops' arguments; the
+    GPU tests compare it with FlashAttention's kernel and with each sample alone.
     """
-    out = torch.ops.aten._efficient_attention_forward(
-        q.unsqueeze(0),
-        k.unsqueeze(0),
-        v.unsqueeze(0),
-        None,
-        cu_q,
-        cu_k,
-        int(max_q),
-        int(max_k),
-        0.0,
-        int(causal),
-        q.requires_grad or k.requires_grad or v.requires_grad,  # the backward needs the log-sum-exp
-        scale=scale,
-    )
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grads and EFFICIENT_KEY_SPLITS is not None:
+        return _EfficientVarlen.apply(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, causal)
+    by_name = {} if scale is None else {"scale": scale}
+    out = torch.ops.aten._efficient_attention_forward(  # with gradients: the op's own autograd, torch's heuristic
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, int(max_q), int(max_k), 0.0, int(causal),
+        grads, **by_name,
+    )  # fmt: skip
     return out[0][0]
 
 

@@ -228,9 +228,9 @@ def test_trainer_fit_on_packed_batches_runs_the_kernel_under_bf16_mixed(family, 
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_memory_efficient_kernel_equals_flash_and_runs_eager_calls_only(causal):
-    """Eager packed calls without a window take the memory-efficient kernel (64-query tiles), compiled graphs keep
-    FlashAttention's: both give the same attention, forward and backward, empty segments included."""
+def test_memory_efficient_kernel_equals_flash_and_runs_eager_and_compiled_calls(causal):
+    """Packed calls without a window take the memory-efficient kernel (64-query tiles), eager and inside compiled
+    graphs (Inductor, forward and backward): the same attention as FlashAttention's, empty segments included."""
     from lightning_txopt.models.attention import _efficient_varlen, _flash_varlen, efficient_forward_schema_matches
 
     assert efficient_forward_schema_matches()
@@ -248,9 +248,21 @@ def test_memory_efficient_kernel_equals_flash_and_runs_eager_calls_only(causal):
         assert _rel(a, b) < 3e-2
     with torch.no_grad():
         assert torch.equal(_kernel(q, k, v, cu, cu, 40, 40, scale=None, window=window), fast)
-        compiled = torch.compile(
+        traced = torch.compile(
             lambda a, b, c: _kernel(a, b, c, cu, cu, 40, 40, scale=None, window=window),
             backend="aot_eager",
             fullgraph=True,
         )
-        assert torch.equal(compiled(q, k, v), flash)
+        assert torch.equal(traced(q, k, v), fast)
+    # Inductor, forward and backward; an explicit default scale and another one (FlashAttention's in graphs)
+    for scale in (None, 64**-0.5, 0.1):
+        torch.compiler.reset()
+        compiled = torch.compile(
+            lambda a, b, c, s=scale: _kernel(a, b, c, cu, cu, 40, 40, scale=s, window=window) * 1.0, fullgraph=True
+        )
+        out = compiled(q, k, v)
+        ref = _efficient_varlen(q, k, v, cu, cu, 40, 40, scale=scale, causal=causal)
+        assert _rel(out, ref) < 2e-2, scale
+        ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), ref_grads, strict=True):
+            assert _rel(a, b) < 3e-2, scale

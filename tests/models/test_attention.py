@@ -128,6 +128,28 @@ def test_the_kernel_needs_cuda_half_precision_and_the_op_keeps_its_schema():
     assert efficient_forward_schema_matches()
 
 
+def test_compiled_graphs_pass_the_memory_efficient_backward_a_scale_only_where_its_fake_implementation_takes_one():
+    # torch 2.11-2.13's fake backward lacks the op's `out` argument: an explicit scale collides, a left-out one
+    # traces with the right shapes. The backend relies on both facts (see _kernel); this fails when either changes.
+    from lightning_txopt.models import attention
+
+    t = torch.empty(1, 8, 2, 64, device="meta", dtype=torch.bfloat16)
+    cu = torch.empty(3, device="meta", dtype=torch.int32)
+    seed = torch.empty((), device="meta", dtype=torch.int64)
+    lse = torch.empty(1, 2, 8, device="meta", dtype=torch.float32)
+    args = (t, t, t, t, None, t, cu, cu, 4, 4, lse, 0.0, seed, seed, 0, False)
+    grads = torch.ops.aten._efficient_attention_backward(*args)
+    assert [tuple(g.shape) for g in grads[:3]] == [(1, 8, 2, 64)] * 3
+    try:
+        torch.ops.aten._efficient_attention_backward(*args, scale=0.1)
+        takes_scale = True
+    except TypeError as err:
+        assert "scale" in str(err)
+        takes_scale = False
+    assert attention.efficient_backward_traces_with_scale() is takes_scale
+    assert attention._EFFICIENT_SCALE_TRACES is takes_scale
+
+
 def test_packed_rotary_projections_reach_the_kernel_in_the_autocast_dtype(monkeypatch):
     # Llama-style rotary embeddings promote bf16 projections to fp32 under autocast; SDPA would get them cast back
     from lightning_txopt.models import attention
@@ -192,3 +214,28 @@ def test_padded_batches_attend_as_sdpa_without_reading_an_encoders_mask_on_the_h
         if not family.causal:
             assert got_reads == 0, f"{name}: the varlen backend read the padding mask on the host"
             assert len(reads) > got_reads, f"{name}: SDPA's own mask builder no longer checks (the test sees nothing)"
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_kernel_choice_eager_and_inside_compiled_graphs(monkeypatch, compiling):
+    from lightning_txopt.models import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "_EFFICIENT_OP", True)
+    monkeypatch.setattr(attention, "_FLASH_OP", True)
+    monkeypatch.setattr(attention, "_EFFICIENT_SCALE_TRACES", False)
+    monkeypatch.setattr(attention.torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(attention, "_efficient_varlen", lambda *a, scale, causal: calls.append(("efficient", scale)))
+    monkeypatch.setattr(attention, "_flash_varlen", lambda *a, scale, window: calls.append(("flash", scale)))
+    q, kv = torch.zeros(6, 4, 64), torch.zeros(6, 2, 64)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    for scale in (None, 64**-0.5, 0.1):
+        attention._kernel(q, q, q, cu, cu, 6, 6, scale=scale, window=(-1, -1))
+    attention._kernel(q, kv, kv, cu, cu, 6, 6, scale=None, window=(-1, 0))  # fewer key heads
+    attention._kernel(q, q, q, cu, cu, 6, 6, scale=None, window=(3, 0))  # a sliding window
+    attention._kernel(q, q, q, cu, cu, 6, 6, scale=None, window=(-1, -1), memory_efficient=False)
+    if compiling:  # the default scale goes as None (the fake backward's flaw), another one to FlashAttention's
+        expected = [("efficient", None), ("efficient", None), ("flash", 0.1)]
+    else:
+        expected = [("efficient", None), ("efficient", 64**-0.5), ("efficient", 0.1)]
+    assert calls == [*expected, ("flash", None), ("flash", None), ("flash", None)]
