@@ -164,7 +164,8 @@ def profile(case: Case, steps: int = 5, top: int = 8) -> dict[str, Any]:
     costly = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
     categories: dict[str, float] = {}
     for name, ms in by_name.items():
-        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + ms
     return dict(
         name=case.name,
         wall_ms=round(wall * 1e3, 2),

@@ -321,6 +321,30 @@ def _kernel(
 EFFICIENT_KEY_SPLITS: int | None = 1  # None: torch's heuristic (read at each forward call)
 
 
+def _scale_by_name(scale: float | None) -> dict[str, float]:
+    """The memory-efficient ops' ``scale`` keyword, left out when ``None``: see efficient_backward_traces_with_scale."""
+    return {} if scale is None else {"scale": scale}
+
+
+def _efficient_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
+    causal: bool,
+    log_sumexp: bool,
+) -> Any:
+    """``aten::_efficient_attention_forward`` on ``(tokens, heads, dim)`` tensors over the segments, no dropout."""
+    return torch.ops.aten._efficient_attention_forward(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, max_q, max_k, 0.0, int(causal), log_sumexp,
+        **_scale_by_name(scale),
+    )  # fmt: skip
+
+
 class _EfficientVarlen(torch.autograd.Function):
     """The memory-efficient varlen kernel's forward and backward ops, the backward with :data:`EFFICIENT_KEY_SPLITS`.
 
@@ -340,23 +364,18 @@ class _EfficientVarlen(torch.autograd.Function):
         scale: float | None,
         causal: bool,
     ) -> torch.Tensor:
-        # None is left out: see efficient_backward_traces_with_scale
-        by_name = {} if scale is None else {"scale": scale}
-        out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, max_q, max_k, 0.0, int(causal), True,
-            **by_name,
-        )  # fmt: skip
+        out, lse, seed, offset, _, _ = _efficient_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, True)
         ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu_q, cu_k)
-        ctx.args = (max_q, max_k, int(causal), EFFICIENT_KEY_SPLITS, by_name)
+        ctx.args = (max_q, max_k, int(causal), EFFICIENT_KEY_SPLITS, scale)
         return out[0]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse, seed, offset, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, mask, splits, by_name = ctx.args
+        max_q, max_k, mask, splits, scale = ctx.args
         dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
             grad.unsqueeze(0).contiguous(), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, out, cu_q, cu_k,
-            max_q, max_k, lse, 0.0, seed, offset, mask, False, num_splits_key=splits, **by_name,
+            max_q, max_k, lse, 0.0, seed, offset, mask, False, num_splits_key=splits, **_scale_by_name(scale),
         )  # fmt: skip
         return dq[0], dk[0], dv[0], None, None, None, None, None, None
 
@@ -387,12 +406,8 @@ def _efficient_varlen(
     grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grads and EFFICIENT_KEY_SPLITS is not None:
         return _EfficientVarlen.apply(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, causal)
-    by_name = {} if scale is None else {"scale": scale}
-    out = torch.ops.aten._efficient_attention_forward(  # with gradients: the op's own autograd, torch's heuristic
-        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu_q, cu_k, int(max_q), int(max_k), 0.0, int(causal),
-        grads, **by_name,
-    )  # fmt: skip
-    return out[0][0]
+    # with gradients: the op's own autograd formula (torch's split heuristic)
+    return _efficient_forward(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, causal, grads)[0][0]
 
 
 def _flash_varlen(
